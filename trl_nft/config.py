@@ -1,0 +1,327 @@
+"""`DiffusionNFTConfig`: every knob of a DiffusionNFT run, with the paper's / official code's defaults."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+LOSS_TYPES = ("adaptive", "velocity")
+SCALE_REWARDS = ("batch", "group", "none")
+DECAY_SCHEDULES = ("linear", "constant")
+
+
+def import_from_string(path: str):
+    """Import `package.module:attr` (or `package.module.attr`)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"{path!r} is not a dotted path of the form 'package.module:name'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"Could not import module {module_name!r} from {path!r}: {err}") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError as err:
+        raise ValueError(f"Module {module_name!r} has no attribute {attr!r} (from {path!r}).") from err
+
+
+@dataclass
+class DiffusionNFTConfig(TrainingArguments):
+    r"""
+    Configuration for [`DiffusionNFTTrainer`].
+
+    Extends `transformers.TrainingArguments` (so `output_dir`, `max_steps`, `learning_rate`, `report_to`,
+    `save_steps`, `push_to_hub`, ... work as in any Trainer) with the DiffusionNFT fields below. Defaults follow the
+    official SD3.5 recipe (`NVlabs/DiffusionNFT`, `config/nft.py`), scaled to your batch settings: with the defaults,
+    one rollout batch of `per_device_train_batch_size x processes x gradient_accumulation_steps` images feeds exactly one
+    optimizer step, as in the official code (there, 48 prompts x 24 images = 1152 images per step on 8 GPUs).
+
+    Batch vocabulary: a *group* is the `num_generations` images of one prompt; a *rollout batch* is
+    `generation_batch_size` images sampled at once; a *micro-batch* is `per_device_train_batch_size` images, each
+    trained at `int(num_inference_steps * timestep_fraction)` times in one forward/backward.
+    """
+
+    # ---------------------------------------------------------------- defaults changed from TrainingArguments
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (official: 3e-4)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (official: 1e-4)."})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Learning-rate schedule (official: constant, no warm-up)."}
+    )
+    logging_steps: float = field(
+        default=1, metadata={"help": "Log every N optimizer steps (RL steps are expensive, so every step)."}
+    )
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images per device per micro-batch (each trained at several times, see `timestep_fraction`). "
+            "Defaults to `num_generations`: one prompt group per micro-batch."
+        },
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: every dataset column besides `prompt` is passed to the reward functions."},
+    )
+
+    # ---------------------------------------------------------------- rollouts (sampling the old policy)
+    num_generations: int = field(
+        default=24, metadata={"help": "Images per prompt, the group size K of the advantage estimate (official: 24)."}
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images sampled per rollout batch (all processes). Defaults to `per_device_train_batch_size x "
+            "processes x steps_per_generation`. Must be a multiple of `num_generations`."
+        },
+    )
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batches trained per rollout batch. Defaults to `gradient_accumulation_steps` (one optimizer "
+            "step per rollout batch, official). Larger values take several optimizer steps per rollout batch (NFT is "
+            "off-policy, so re-using rollouts is sound)."
+        },
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "Passes over each rollout batch (official `train.num_inner_epochs`: 1)."}
+    )
+    num_inference_steps: int = field(
+        default=10, metadata={"help": "Solver steps per rollout (official: 10 for single-reward runs)."}
+    )
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Classifier-free guidance during rollouts. 1.0 = CFG-free, as in the paper: NFT trains the "
+            "unguided model, so CFG is not needed at inference either."
+        },
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={"help": "Image side in pixels. Defaults to the pipeline's own default size (SD3.5-M: 512 is used)."},
+    )
+    max_sequence_length: int = field(
+        default=128, metadata={"help": "Text context length of the long text encoder (SD3: T5 tokens; official: 128)."}
+    )
+
+    # ---------------------------------------------------------------- rewards -> r
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of each reward function; the raw reward is their weighted sum (official). Defaults to "
+            "1.0 each."
+        },
+    )
+    scale_rewards: str = field(
+        default="batch",
+        metadata={
+            "help": "Divide group-centred rewards by the std of the whole rollout batch ('batch', official "
+            "`global_std`), of each group ('group', GRPO's default), or not at all ('none')."
+        },
+    )
+    adv_clip_max: float = field(
+        default=5.0,
+        metadata={
+            "help": "Advantage clip c: A is clipped to [-c, c] and mapped to r = 1/2 + A/(2c), so Z_c = c * std "
+            "(official: 5). Also scales the 'adaptive' loss, as in the official code."
+        },
+    )
+
+    # ---------------------------------------------------------------- the NFT loss
+    nft_beta: float = field(
+        default=1.0,
+        metadata={
+            "help": "NFT guidance strength beta of the implicit policies v+ = (1-beta) v_old + beta v_theta, "
+            "v- = (1+beta) v_old - beta v_theta (official `config.beta`: 1.0; 0.1 for OCR / multi-reward)."
+        },
+    )
+    kl_weight: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Weight of the KL regulariser mean((v_theta - v_ref)^2) to the reference model (the denoiser with "
+            "adapters disabled) (official `config.train.beta`: 1e-4). 0 skips the reference forward pass."
+        },
+    )
+    loss_type: str = field(
+        default="adaptive",
+        metadata={
+            "help": "'adaptive': x0-space self-normalised regression of the official code (default); 'velocity': the "
+            "paper's r||v+ - v||^2 + (1-r)||v- - v||^2."
+        },
+    )
+    timestep_fraction: float = field(
+        default=0.99,
+        metadata={
+            "help": "Fraction of the rollout's solver times trained per sample: each sample trains at "
+            "max(1, int(num_inference_steps * timestep_fraction)) times drawn from the rollout grid (official: 0.99, "
+            "9 of 10)."
+        },
+    )
+
+    # ---------------------------------------------------------------- the old (sampling) policy
+    old_policy_decay: str = field(
+        default="linear",
+        metadata={
+            "help": "Schedule of eta in theta_old <- eta theta_old + (1-eta) theta, applied after each rollout batch: "
+            "'linear' = min(rate * max(step - delay, 0), max) (paper: min(0.001 i, 0.5)), 'constant' = max, or a "
+            "dotted path 'module:function' to a callable step -> eta."
+        },
+    )
+    old_policy_decay_rate: float = field(default=0.001, metadata={"help": "Slope of the 'linear' schedule."})
+    old_policy_decay_max: float = field(
+        default=0.5, metadata={"help": "Cap of the 'linear' schedule, and the value of 'constant' (official: 0.5)."}
+    )
+    old_policy_decay_delay: int = field(
+        default=0,
+        metadata={"help": "Steps during which eta = 0 before the 'linear' ramp starts (official OCR recipe: 75)."},
+    )
+
+    # ---------------------------------------------------------------- LoRA (ignored when `peft_config` is given)
+    use_lora: bool = field(
+        default=True,
+        metadata={"help": "Train LoRA adapters (official). False fine-tunes every denoiser weight."},
+    )
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank (official: 32)."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (official: 64)."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to adapt. Defaults to the model family's official targets (SD3: attention only)."},
+    )
+
+    # ---------------------------------------------------------------- evaluation
+    eval_num_inference_steps: int = field(
+        default=40, metadata={"help": "Solver steps for evaluation images (official eval: 40)."}
+    )
+    eval_guidance_scale: float | None = field(
+        default=None, metadata={"help": "CFG scale for evaluation. Defaults to `guidance_scale`."}
+    )
+    eval_seed: int = field(
+        default=0,
+        metadata={"help": "Evaluation row i is sampled with seed `eval_seed + i`: the same images each eval."},
+    )
+    eval_ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "If set, keep an EMA of the trained weights with decay min((1+s)/(10+s), eval_ema_decay) for "
+            "evaluation and saving (official: 0.9). Off by default so that the saved adapter is the trained policy."
+        },
+    )
+    num_eval_images_to_log: int = field(
+        default=16, metadata={"help": "Evaluation images sent to the trackers as a captioned grid (0: none)."}
+    )
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 (got {self.num_generations}): advantages compare the images of one "
+                "prompt with each other. Set num_generations=2 or more."
+            )
+        if self.per_device_train_batch_size is None:
+            self.per_device_train_batch_size = self.num_generations
+        super().__post_init__()
+        self._check_nft_fields()
+        self._resolve_generation_batch()
+
+    def _check_nft_fields(self):
+        def need(cond: bool, message: str):
+            if not cond:
+                raise ValueError(message)
+
+        need(self.nft_beta > 0, f"nft_beta must be > 0 (got {self.nft_beta}); the paper uses 1.0 or 0.1.")
+        need(self.kl_weight >= 0, f"kl_weight must be >= 0 (got {self.kl_weight}); use 0 to disable the KL term.")
+        need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        need(
+            self.scale_rewards in SCALE_REWARDS,
+            f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.",
+        )
+        need(self.adv_clip_max > 0, f"adv_clip_max must be > 0 (got {self.adv_clip_max}); the official value is 5.")
+        need(
+            0 < self.timestep_fraction <= 1,
+            f"timestep_fraction must be in (0, 1] (got {self.timestep_fraction}); the official value is 0.99.",
+        )
+        need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1 (got {self.num_inference_steps}).")
+        need(
+            self.eval_num_inference_steps >= 1,
+            f"eval_num_inference_steps must be >= 1 (got {self.eval_num_inference_steps}).",
+        )
+        need(self.num_iterations >= 1, f"num_iterations must be >= 1 (got {self.num_iterations}).")
+        need(self.guidance_scale >= 0, f"guidance_scale must be >= 0 (got {self.guidance_scale}); 1.0 is CFG-free.")
+        need(
+            self.resolution is None or self.resolution > 0,
+            f"resolution must be a positive number of pixels or None (got {self.resolution}).",
+        )
+        need(self.max_sequence_length >= 1, f"max_sequence_length must be >= 1 (got {self.max_sequence_length}).")
+        need(self.lora_r >= 1, f"lora_r must be >= 1 (got {self.lora_r}).")
+        need(
+            self.eval_ema_decay is None or 0 <= self.eval_ema_decay < 1,
+            f"eval_ema_decay must be in [0, 1) or None (got {self.eval_ema_decay}).",
+        )
+        need(
+            0 <= self.old_policy_decay_max <= 1,
+            f"old_policy_decay_max must be in [0, 1] (got {self.old_policy_decay_max}).",
+        )
+        need(
+            self.old_policy_decay_rate >= 0, f"old_policy_decay_rate must be >= 0 (got {self.old_policy_decay_rate})."
+        )
+        need(
+            self.old_policy_decay_delay >= 0,
+            f"old_policy_decay_delay must be >= 0 (got {self.old_policy_decay_delay}).",
+        )
+        if self.old_policy_decay not in DECAY_SCHEDULES:
+            try:
+                fn = import_from_string(self.old_policy_decay)
+            except ValueError as err:
+                raise ValueError(
+                    f"old_policy_decay must be one of {DECAY_SCHEDULES} or a dotted path 'module:function' to a "
+                    f"callable step -> eta; {err}"
+                ) from err
+            need(callable(fn), f"old_policy_decay {self.old_policy_decay!r} does not name a callable.")
+        if self.reward_weights is not None:
+            need(len(self.reward_weights) > 0, "reward_weights must not be empty; leave it None for weights of 1.0.")
+
+    def _resolve_generation_batch(self):
+        num_processes = self.world_size
+        global_micro = self.per_device_train_batch_size * num_processes
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError(
+                "Set either generation_batch_size or steps_per_generation, not both: one determines the other "
+                "(generation_batch_size = per_device_train_batch_size x processes x steps_per_generation)."
+            )
+        if self.generation_batch_size is None:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            self.generation_batch_size = global_micro * self.steps_per_generation
+        else:
+            if self.generation_batch_size % global_micro != 0:
+                raise ValueError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
+                    f"per_device_train_batch_size x processes ({global_micro})."
+                )
+            self.steps_per_generation = self.generation_batch_size // global_micro
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"The rollout batch of {self.generation_batch_size} images (generation_batch_size = "
+                f"per_device_train_batch_size {self.per_device_train_batch_size} x {num_processes} processes x "
+                f"steps_per_generation {self.steps_per_generation}) must be a multiple of num_generations "
+                f"({self.num_generations}), so that every prompt gets a full group. Change per_device_train_batch_size "
+                "or generation_batch_size, or leave per_device_train_batch_size unset (it then equals num_generations)."
+            )
+        if (self.steps_per_generation * self.num_iterations) % self.gradient_accumulation_steps != 0:
+            raise ValueError(
+                f"steps_per_generation x num_iterations ({self.steps_per_generation} x {self.num_iterations}) must be a "
+                f"multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps}), so that optimizer steps "
+                "and rollout batches line up (the old policy is updated after the last step on each rollout batch)."
+            )
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Times trained per sample: `max(1, int(num_inference_steps * timestep_fraction))` (official)."""
+        return max(1, int(self.num_inference_steps * self.timestep_fraction))
+
+    @property
+    def optimizer_steps_per_generation(self) -> int:
+        """Optimizer steps taken on each rollout batch; the old policy is updated after the last of them."""
+        return self.steps_per_generation * self.num_iterations // self.gradient_accumulation_steps

@@ -1,0 +1,71 @@
+"""Reward functions: the calling convention, a few built-ins, and name/dotted-path resolution.
+
+A reward function is any callable
+
+    f(prompts: list[str], images: Tensor[B, 3, H, W] in [0, 1], **columns, trainer_state=..., log_metric=...)
+        -> list[float | None]
+
+returning one score per image (`None`: no score for that image). `columns` holds every other dataset column, as lists
+aligned with the images. `async def` functions are awaited concurrently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..config import import_from_string
+
+
+def brightness(prompts, images: torch.Tensor, **kwargs) -> list[float]:
+    """Mean pixel value in [0, 1]: a trivially learnable reward for smoke tests and examples."""
+    return images.float().flatten(1).mean(dim=1).tolist()
+
+
+def redness(prompts, images: torch.Tensor, **kwargs) -> list[float]:
+    """Mean of `R - (G + B) / 2`, in [-1, 1]: rewards red images."""
+    images = images.float()
+    return (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).flatten(1).mean(dim=1).tolist()
+
+
+def _shapes_reward():
+    from ..shapes.judge import shapes_reward
+
+    return shapes_reward
+
+
+#: Built-in rewards by name. Values are callables or zero-argument factories (for rewards with heavy imports).
+BUILTIN_REWARDS: dict[str, Callable] = {
+    "brightness": brightness,
+    "redness": redness,
+    "shapes": _shapes_reward,
+}
+_FACTORIES = {"shapes"}
+
+
+def reward_name(func: Callable) -> str:
+    """The name a reward is logged under: `rewards/<name>/mean`."""
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def resolve_reward(spec: str | Callable) -> Callable:
+    """A reward callable from a callable, a built-in name (see `BUILTIN_REWARDS`) or a dotted path `module:func`."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"A reward function must be a callable or a string, got {type(spec).__name__}.")
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]() if spec in _FACTORIES else BUILTIN_REWARDS[spec]
+    if ":" in spec or "." in spec:
+        func = import_from_string(spec)
+        if not callable(func):
+            raise TypeError(f"Reward {spec!r} is not callable.")
+        return func
+    raise ValueError(
+        f"Unknown reward {spec!r}. Use a built-in name ({sorted(BUILTIN_REWARDS)}), a dotted path "
+        "'my_module:my_reward', or pass a callable."
+    )
+
+
+__all__ = ["BUILTIN_REWARDS", "brightness", "redness", "resolve_reward", "reward_name"]
