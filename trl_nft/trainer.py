@@ -84,7 +84,7 @@ class DiffusionNFTTrainer(Trainer):
             init (official: r=32, alpha=64).
     """
 
-    _tag_names = ["trl_nft", "diffusion-nft", "diffusers", "text-to-image", "lora"]
+    _tag_names = ("trl_nft", "diffusion-nft", "diffusers", "text-to-image", "lora")
     _name = "DiffusionNFT"
 
     def __init__(
@@ -564,9 +564,8 @@ class DiffusionNFTTrainer(Trainer):
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.add_image("eval/samples", array, self.state.global_step, dataformats="HWC")
                 callback.tb_writer.flush()
-            elif type(callback).__name__ == "WandbCallback" and getattr(callback, "_wandb", None) is not None:
-                if callback._wandb.run is not None:
-                    callback._wandb.log({"eval/samples": callback._wandb.Image(grid)}, commit=False)
+            elif type(callback).__name__ == "WandbCallback" and getattr(getattr(callback, "_wandb", None), "run", None):
+                callback._wandb.log({"eval/samples": callback._wandb.Image(grid)}, commit=False)
 
     # ================================================================================================ saving
     def _save(self, output_dir: str | None = None, state_dict=None):

@@ -1,0 +1,226 @@
+"""DiffusionNFTTrainer on a real (tiny, randomly initialised) StableDiffusion3Pipeline."""
+
+import asyncio
+import math
+import os
+
+import pytest
+import torch
+from conftest import PROMPTS, tiny_config
+
+
+def _trainer(pipe, tmp_path, rewards="brightness", dataset=None, **overrides):
+    from trl_nft import DiffusionNFTTrainer
+
+    dataset = dataset if dataset is not None else [{"prompt": p} for p in PROMPTS]
+    return DiffusionNFTTrainer(pipe, rewards, args=tiny_config(tmp_path, **overrides), train_dataset=dataset)
+
+
+def _snapshot(pipe):
+    return {
+        f"{name}.{k}": v.detach().clone()
+        for name, comp in pipe.components.items()
+        if isinstance(comp, torch.nn.Module)
+        for k, v in comp.state_dict().items()
+    }
+
+
+def test_minimal_config_runs(tiny_pipe, tmp_path):
+    """`DiffusionNFTConfig(output_dir, max_steps, num_generations)` alone gives a working run."""
+    from trl_nft import DiffusionNFTConfig, DiffusionNFTTrainer
+
+    args = DiffusionNFTConfig(output_dir=str(tmp_path), max_steps=1, num_generations=3, report_to="none")
+    assert args.per_device_train_batch_size == 3 and args.generation_batch_size == 3
+    trainer = DiffusionNFTTrainer(tiny_pipe, "brightness", args=args, train_dataset=[{"prompt": p} for p in PROMPTS])
+    trainer.train()
+    assert trainer.state.global_step == 1
+    logged = trainer.state.log_history[0]
+    for key in ("loss", "reward", "reward_std", "rewards/brightness/mean", "rewards/brightness/std", "kl",
+                "frac_reward_zero_std", "old_deviate", "x0_norm", "old_decay", "images_per_second"):
+        assert key in logged and logged[key] is not None and math.isfinite(logged[key]), key
+    assert logged["old_decay"] == pytest.approx(0.001)  # paper: eta_1 = min(0.001 * 1, 0.5)
+
+
+def test_training_changes_only_the_lora_adapters(tiny_pipe, tmp_path):
+    trainer = _trainer(tiny_pipe, tmp_path, max_steps=3, learning_rate=1e-2)
+    before = _snapshot(tiny_pipe)
+    trainer.train()
+    after = _snapshot(tiny_pipe)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "training changed nothing"
+    assert all("lora_" in k for k in changed), sorted(k for k in changed if "lora_" not in k)[:5]
+    assert any(".default." in k for k in changed)
+    assert any(".old." in k for k in changed)  # soft-updated towards the trained adapter
+    default = {k for k in after if ".default." in k and "lora_B" in k}
+    # The last SD3 block discards its text-stream output, so its text-query projection gets no gradient.
+    no_grad = {"transformer.transformer_blocks.1.attn.add_q_proj.lora_B.default.weight"}
+    assert default and default - changed == no_grad
+    # the old policy trails the trained one: eta > 0, so old != default
+    for k in default - no_grad:
+        assert not torch.equal(after[k], after[k.replace(".default.", ".old.")])
+
+
+@pytest.mark.parametrize("scheduler_name", ["euler", "heun", "dpmpp_flow"])
+def test_any_scheduler_is_a_black_box_solver(tiny_pipe, tmp_path, scheduler_name):
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    config = tiny_pipe.scheduler.config
+    tiny_pipe.scheduler = {
+        "euler": lambda: FlowMatchEulerDiscreteScheduler.from_config(config),
+        "heun": lambda: FlowMatchHeunDiscreteScheduler.from_config(config),
+        "dpmpp_flow": lambda: DPMSolverMultistepScheduler(
+            algorithm_type="dpmsolver++", solver_order=2, use_flow_sigmas=True, prediction_type="flow_prediction",
+            flow_shift=2.0,
+        ),
+    }[scheduler_name]()
+    trainer = _trainer(tiny_pipe, tmp_path, max_steps=2, learning_rate=1e-2)
+    before = _snapshot(tiny_pipe)
+    trainer.train()
+    grid = trainer._rollout_grid
+    assert grid.numel() == 4 and (grid > 0).all() and (grid <= 1).all() and (grid[:-1] > grid[1:]).all()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    after = _snapshot(tiny_pipe)
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".default." in k)
+
+
+def test_saved_lora_reproduces_the_trained_policy(tiny_pipe, tmp_path):
+    from trl_nft.shapes import VOCABULARY
+    from trl_nft.shapes.tiny import build_tiny_sd3_pipeline
+
+    trainer = _trainer(tiny_pipe, tmp_path, max_steps=3, learning_rate=3e-2)  # alpha 8 != r 4: the scale must survive
+    trainer.train()
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+    def sample(pipe):
+        g = torch.Generator().manual_seed(123)
+        return pipe(["a red circle", "two blue squares"], num_inference_steps=4, guidance_scale=1.0, generator=g,
+                    output_type="pt", max_sequence_length=2).images
+
+    trained = sample(trainer.pipeline)  # the trained ("default") adapter is the active one after training
+    fresh = build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0)
+    base = sample(fresh)
+    fresh.load_lora_weights(str(out))
+    loaded = sample(fresh)
+    assert not torch.equal(base, trained), "the adapter must change the images for this check to mean anything"
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)
+
+
+def test_rewards_multiple_async_none_and_other_columns(tiny_pipe, tmp_path):
+    seen = {}
+
+    def tagged(prompts, images, tag, trainer_state, log_metric, **kwargs):
+        seen["tag"], seen["step"] = tag, trainer_state.global_step
+        log_metric("custom/metric", 0.25)
+        return [None if i == 0 else 1.0 for i in range(len(prompts))]
+
+    async def async_bright(prompts, images, **kwargs):
+        await asyncio.sleep(0)
+        return images.mean(dim=(1, 2, 3))
+
+    dataset = [{"prompt": p, "tag": f"tag-{i}"} for i, p in enumerate(PROMPTS)]
+    trainer = _trainer(tiny_pipe, tmp_path, rewards=[tagged, async_bright], dataset=dataset, max_steps=1,
+                       reward_weights=[2.0, 1.0])
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["rewards/tagged/mean"] == 1.0
+    assert 0 < logs["rewards/async_bright/mean"] < 1
+    assert logs["custom/metric"] == 0.25
+    # a missing score counts as 0 in the weighted sum (one of the 8 images has none)
+    assert logs["reward"] == pytest.approx(2.0 * 7 / 8 + logs["rewards/async_bright/mean"], rel=1e-5)
+    assert seen["tag"][0].startswith("tag-") and len(seen["tag"]) == 8 and seen["step"] == 0
+
+
+def test_evaluate_is_deterministic_and_logs_rewards(tiny_pipe, tmp_path):
+    from trl_nft import DiffusionNFTTrainer
+
+    trainer = DiffusionNFTTrainer(tiny_pipe, "brightness", args=tiny_config(tmp_path),
+                                  train_dataset=[{"prompt": p} for p in PROMPTS],
+                                  eval_dataset=[{"prompt": p} for p in PROMPTS])
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["eval_reward"] == second["eval_reward"]
+    assert "eval_rewards/brightness/mean" in first and "eval_reward_std" in first
+
+
+def test_full_finetuning_path(tiny_pipe, tmp_path):
+    trainer = _trainer(tiny_pipe, tmp_path, max_steps=2, use_lora=False, learning_rate=1e-3)
+    before = _snapshot(tiny_pipe)
+    trainer.train()
+    after = _snapshot(tiny_pipe)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("transformer.") for k in changed)
+    trainer.save_model(str(tmp_path / "full"))
+    assert (tmp_path / "full" / "transformer" / "config.json").is_file()
+
+
+def test_checkpoint_holds_adapter_old_policy_and_card_and_resumes(tiny_pipe, tmp_path):
+    trainer = _trainer(tiny_pipe, tmp_path, max_steps=2, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    trainer.train()
+    ckpt = tmp_path / "out" / "checkpoint-1"
+    for name in ("pytorch_lora_weights.safetensors", "nft_state.safetensors", "README.md", "optimizer.pt"):
+        assert (ckpt / name).is_file(), name
+    card = (ckpt / "README.md").read_text()
+    assert "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card
+    assert "load_lora_weights" in card and "DiffusionNFT" in card
+    final_old = [p.detach().clone() for p in trainer._old]
+
+    from trl_nft.shapes import VOCABULARY
+    from trl_nft.shapes.tiny import build_tiny_sd3_pipeline
+
+    resumed = _trainer(build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0), tmp_path, max_steps=2,
+                       save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 2
+    for a, b in zip(final_old, resumed._old, strict=True):
+        assert a.shape == b.shape
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_fail_before_training(tiny_pipe, tmp_path):
+    from trl_nft import DiffusionNFTConfig, DiffusionNFTTrainer
+
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        DiffusionNFTConfig(output_dir=str(tmp_path), num_generations=1)
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        DiffusionNFTConfig(output_dir=str(tmp_path), num_generations=3, per_device_train_batch_size=8)
+    with pytest.raises(ValueError, match="nft_beta"):
+        DiffusionNFTConfig(output_dir=str(tmp_path), num_generations=2, nft_beta=0)
+    with pytest.raises(ValueError, match="old_policy_decay"):
+        DiffusionNFTConfig(output_dir=str(tmp_path), num_generations=2, old_policy_decay="cosine")
+    with pytest.raises(ValueError, match="loss_type"):
+        DiffusionNFTConfig(output_dir=str(tmp_path), num_generations=2, loss_type="l2")
+
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        DiffusionNFTTrainer(tiny_pipe, "brightness", args=tiny_config(tmp_path), train_dataset=[{"text": "a"}])
+    with pytest.raises(ValueError, match="resolution 18 is not a multiple of 4"):
+        DiffusionNFTTrainer(tiny_pipe, "brightness", args=tiny_config(tmp_path, resolution=18),
+                            train_dataset=[{"prompt": p} for p in PROMPTS])
+    with pytest.raises(ValueError, match="reward_weights has 2 entries"):
+        _trainer(tiny_pipe, tmp_path, reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="Unknown reward 'nope'"):
+        _trainer(tiny_pipe, tmp_path, rewards="nope")
+
+
+def test_reward_of_wrong_length_fails_before_any_update(tiny_pipe, tmp_path):
+    trainer = _trainer(tiny_pipe, tmp_path, rewards=lambda prompts, images, **kw: [1.0, 2.0])
+    before = _snapshot(tiny_pipe)
+    with pytest.raises(ValueError, match=r"returned 2 scores for 8 images"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    after = _snapshot(tiny_pipe)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_string_model_is_loaded_with_from_pretrained(tiny_pipe, tmp_path):
+    from trl_nft import DiffusionNFTTrainer
+
+    path = tmp_path / "pipe"
+    tiny_pipe.save_pretrained(str(path))
+    trainer = DiffusionNFTTrainer(str(path), "brightness", args=tiny_config(tmp_path, max_steps=1),
+                                  train_dataset=[{"prompt": p} for p in PROMPTS])
+    assert type(trainer.pipeline).__name__ == "StableDiffusion3Pipeline"
+    assert trainer.base_model_id == str(path)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -1,0 +1,301 @@
+"""Build the tiny shapes-world base model shipped in `trl_nft/shapes/base`.
+
+    python -m trl_nft.shapes.pretrain --output-dir trl_nft/shapes/base
+
+The base plays the part SD3.5 plays for DiffusionNFT: a real `StableDiffusion3Pipeline` that draws recognisable
+shapes but, sampled without classifier-free guidance, often gets counts, colours and positions wrong, leaving an RL
+stage room to improve it. Three stages, all on CPU and fully seeded (same machine, torch version and thread count give
+the same weights):
+
+1. the VAE learns to reconstruct rendered ground-truth images; latent normalisation is then measured on it;
+2. a pool of ground-truth latents and the text embeddings of every prompt are encoded once (encoding, not the
+   transformer, would otherwise dominate a step);
+3. the transformer is pretrained by rectified flow with caption dropout, so the empty prompt is a meaningful
+   unconditional branch for CFG; the EMA weights are saved.
+
+The learning rate is constant after warm-up and no random stream depends on the total step count, so the checkpoint a
+run saves at step N is exactly what a run with `--transformer-steps N` produces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import all_prompts, sample_training_batch
+
+
+logger = logging.getLogger(__name__)
+
+# Length of the (all-zero, as there is no T5) T5 part of the text context. The base was trained with it, so the
+# trainer, evaluator and demo must sample with the same value.
+MAX_SEQUENCE_LENGTH = 1
+BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines the base's weights (with the machine, torch version and `num_threads`)."""
+
+    output_dir: str = BASE_DIR
+    seed: int = 0
+    num_threads: int = 2
+    # VAE
+    vae_steps: int = 400
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-3
+    vae_batch_size: int = 64
+    normalisation_images: int = 4096
+    # Transformer
+    pool_size: int = 20480
+    split: str = "all"
+    transformer_steps: int = 3000
+    learning_rate: float = 6e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    max_grad_norm: float = 1.0
+    batch_size: int = 64
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    # Intermediate EMA checkpoints (full pipelines), for choosing the step count; 0 disables them.
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    log_every: int = 50
+
+
+def _to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(vae, config: PretrainConfig, rng: np.random.Generator, generator: torch.Generator) -> float:
+    """Fit the VAE to rendered images (MSE + a small per-dimension KL); returns the final reconstruction MSE.
+
+    The KL term is weak on purpose: it only keeps the latent scale tame, as the transformer cares about sharp
+    reconstructions far more than about a Gaussian-looking posterior.
+    """
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    recent: list[float] = []
+    for step in range(1, config.vae_steps + 1):
+        images, _ = sample_training_batch(config.vae_batch_size, rng, "all")
+        x = _to_model_range(images)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        mse = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = mse + config.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent = (recent + [mse.item()])[-20:]
+        if step % config.log_every == 0 or step == config.vae_steps:
+            logger.info("vae step %d/%d  mse %.5f  kl/dim %.3f", step, config.vae_steps, np.mean(recent), kl.item())
+    vae.eval()
+    return float(np.mean(recent))
+
+
+@torch.no_grad()
+def _encode_images(vae, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means (raw, unnormalised) of uint8 images; the mean keeps the pool independent of sampling noise."""
+    chunks = [
+        vae.encode(_to_model_range(images[i : i + batch_size])).latent_dist.mean
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def fit_latent_normalisation(vae, n_images: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Measure the latents' global mean and std and store them as `shift_factor` and `scaling_factor = 1/std`.
+
+    Diffusers pipelines map latents through `(z - shift) * scale` on encoding and back on decoding, so after this the
+    transformer sees roughly unit-variance latents, which the rectified-flow noise level assumes.
+    """
+    images, _ = sample_training_batch(n_images, rng, "all")
+    latents = _encode_images(vae, images)
+    mean, std = latents.mean().item(), latents.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
+    return mean, std
+
+
+@torch.no_grad()
+def encode_prompt_table(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings of `prompts`, row-aligned: the text encoders are frozen, so each prompt is encoded once."""
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        do_classifier_free_guidance=False,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
+    return embeds, pooled
+
+
+@torch.no_grad()
+def encode_latent_pool(
+    vae, n: int, rng: np.random.Generator, split: str = "all"
+) -> tuple[torch.Tensor, list[str]]:
+    """`n` normalised ground-truth latents with their prompts, rendered and encoded once and re-used across epochs."""
+    images, prompts = sample_training_batch(n, rng, split)
+    latents = (_encode_images(vae, images) - vae.config.shift_factor) * vae.config.scaling_factor
+    return latents, prompts
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1.0 - decay)
+
+
+def _with_transformer(pipe, transformer):
+    """The same pipeline with another transformer (sharing every other component)."""
+    return type(pipe)(**{**pipe.components, "transformer": transformer})
+
+
+def train_transformer(
+    pipe,
+    latents: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    empty_id: int,
+    config: PretrainConfig,
+    generator: torch.Generator,
+) -> torch.nn.Module:
+    """Rectified-flow pretraining; returns the EMA transformer.
+
+    `x_t = (1 - t) x0 + t eps` with the velocity target `eps - x0` (what the flow-matching Euler sampler integrates),
+    t logit-normal(0, 1) as in SD3, fed as `t * 1000` like the pipeline's timesteps. A `caption_dropout` fraction of
+    the batch is conditioned on the empty prompt, which is the pipeline's negative prompt, so CFG works on the base.
+    """
+    transformer = pipe.transformer
+    transformer.train()
+    ema = copy.deepcopy(transformer).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(
+        transformer.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    recent: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, config.transformer_steps + 1):
+        idx = torch.randint(len(latents), (config.batch_size,), generator=generator)
+        x0 = latents[idx]
+        ids = prompt_ids[idx].clone()
+        ids[torch.rand(config.batch_size, generator=generator) < config.caption_dropout] = empty_id
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.sigmoid(torch.randn(config.batch_size, generator=generator))
+        t_ = t.view(-1, 1, 1, 1)
+        x_t = (1 - t_) * x0 + t_ * noise
+        pred = transformer(
+            hidden_states=x_t,
+            timestep=t * 1000,
+            encoder_hidden_states=embeds[ids],
+            pooled_projections=pooled[ids],
+            return_dict=False,
+        )[0]
+        loss = F.mse_loss(pred, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        _ema_update(ema, transformer, min(config.ema_decay, (1 + step) / (10 + step)))
+        recent = (recent + [loss.item()])[-50:]
+        if step % config.log_every == 0 or step == config.transformer_steps:
+            elapsed = time.perf_counter() - start
+            logger.info(
+                "transformer step %d/%d  loss %.4f  grad %.2f  lr %.2e  %.2f s/step",
+                step,
+                config.transformer_steps,
+                np.mean(recent),
+                grad_norm.item(),
+                scheduler.get_last_lr()[0],
+                elapsed / step,
+            )
+        if config.checkpoint_every and config.checkpoint_dir and step % config.checkpoint_every == 0:
+            path = os.path.join(config.checkpoint_dir, f"step-{step}")
+            _with_transformer(pipe, ema).save_pretrained(path)
+            logger.info("saved EMA checkpoint %s", path)
+    transformer.eval()
+    return ema
+
+
+def pretrain(config: PretrainConfig):
+    """Build, train and return the base pipeline (not saved; see `main`)."""
+    from .tiny import build_tiny_sd3_pipeline
+    from .world import VOCABULARY
+
+    torch.set_num_threads(config.num_threads)
+    pipe = build_tiny_sd3_pipeline(VOCABULARY, "shapes", seed=config.seed)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    t0 = time.perf_counter()
+    pipe.vae.requires_grad_(True)
+    mse = train_vae(pipe.vae, config, rng, generator)
+    pipe.vae.requires_grad_(False)
+    mean, std = fit_latent_normalisation(pipe.vae, config.normalisation_images, rng)
+    logger.info("vae done in %.0f s: recon mse %.5f, latent mean %.4f std %.4f", time.perf_counter() - t0, mse, mean, std)
+
+    t0 = time.perf_counter()
+    prompts = [spec.prompt for spec in all_prompts()]
+    embeds, pooled = encode_prompt_table(pipe, [*prompts, ""])
+    index = {p: i for i, p in enumerate(prompts)}
+    latents, pool_prompts = encode_latent_pool(pipe.vae, config.pool_size, rng, config.split)
+    prompt_ids = torch.tensor([index[p] for p in pool_prompts])
+    logger.info("encoded %d prompts and %d latents in %.0f s", len(prompts), len(latents), time.perf_counter() - t0)
+
+    pipe.text_encoder.requires_grad_(False)
+    pipe.text_encoder_2.requires_grad_(False)
+    ema = train_transformer(pipe, latents, prompt_ids, embeds, pooled, len(prompts), config, generator)
+    pipe = _with_transformer(pipe, ema)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_base_pipeline(**kwargs):
+    """The shipped shapes base pipeline (`trl_nft/shapes/base`), sample it with `max_sequence_length=MAX_SEQUENCE_LENGTH`."""
+    from ..adapters import load_pipeline
+
+    if not os.path.isfile(os.path.join(BASE_DIR, "model_index.json")):
+        raise FileNotFoundError(
+            f"No shapes base model in {BASE_DIR}; build it with `python -m trl_nft.shapes.pretrain`."
+        )
+    return load_pipeline(BASE_DIR, **kwargs)
+
+
+def _parse_args(argv: list[str] | None) -> PretrainConfig:
+    defaults = PretrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        kind = type(value) if value is not None else str
+        parser.add_argument(flag, type=kind, default=value, help=f"default: {value}")
+    return PretrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    config = _parse_args(argv)
+    start = time.perf_counter()
+    pipe = pretrain(config)
+    os.makedirs(config.output_dir, exist_ok=True)
+    pipe.save_pretrained(config.output_dir)
+    minutes = (time.perf_counter() - start) / 60
+    with open(os.path.join(config.output_dir, "pretrain_config.json"), "w") as f:
+        json.dump({**asdict(config), "output_dir": None, "checkpoint_dir": None, "wall_minutes": round(minutes, 1)}, f, indent=2)
+    logger.info("saved the base to %s (%.1f min in all)", config.output_dir, minutes)
+
+
+if __name__ == "__main__":
+    main()
