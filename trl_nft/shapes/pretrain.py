@@ -142,9 +142,7 @@ def encode_prompt_table(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def encode_latent_pool(
-    vae, n: int, rng: np.random.Generator, split: str = "all"
-) -> tuple[torch.Tensor, list[str]]:
+def encode_latent_pool(vae, n: int, rng: np.random.Generator, split: str = "all") -> tuple[torch.Tensor, list[str]]:
     """`n` normalised ground-truth latents with their prompts, rendered and encoded once and re-used across epochs."""
     images, prompts = sample_training_batch(n, rng, split)
     latents = (_encode_images(vae, images) - vae.config.shift_factor) * vae.config.scaling_factor
@@ -245,7 +243,9 @@ def pretrain(config: PretrainConfig):
     mse = train_vae(pipe.vae, config, rng, generator)
     pipe.vae.requires_grad_(False)
     mean, std = fit_latent_normalisation(pipe.vae, config.normalisation_images, rng)
-    logger.info("vae done in %.0f s: recon mse %.5f, latent mean %.4f std %.4f", time.perf_counter() - t0, mse, mean, std)
+    logger.info(
+        "vae done in %.0f s: recon mse %.5f, latent mean %.4f std %.4f", time.perf_counter() - t0, mse, mean, std
+    )
 
     t0 = time.perf_counter()
     prompts = [spec.prompt for spec in all_prompts()]
@@ -276,7 +276,9 @@ def load_base_pipeline(**kwargs):
 
 def _parse_args(argv: list[str] | None) -> PretrainConfig:
     defaults = PretrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         kind = type(value) if value is not None else str
@@ -293,7 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe.save_pretrained(config.output_dir)
     minutes = (time.perf_counter() - start) / 60
     with open(os.path.join(config.output_dir, "pretrain_config.json"), "w") as f:
-        json.dump({**asdict(config), "output_dir": None, "checkpoint_dir": None, "wall_minutes": round(minutes, 1)}, f, indent=2)
+        json.dump(
+            {**asdict(config), "output_dir": None, "checkpoint_dir": None, "wall_minutes": round(minutes, 1)},
+            f,
+            indent=2,
+        )
     logger.info("saved the base to %s (%.1f min in all)", config.output_dir, minutes)
 
 
