@@ -146,7 +146,9 @@ def test_kl_term_and_old_deviate():
 
 def test_training_timesteps_are_per_sample_subsets_of_the_grid():
     grid = torch.tensor([1.0, 0.9, 0.7, 0.4, 0.1])
-    ts = core.sample_training_timesteps(grid, batch_size=6, num_timesteps=4, generator=torch.Generator().manual_seed(0))
+    ts = core.sample_training_timesteps(
+        grid, batch_size=6, num_timesteps=4, generator=torch.Generator().manual_seed(0)
+    )
     assert ts.shape == (4, 6)
     for column in ts.T:
         assert len(set(column.tolist())) == 4  # without replacement

@@ -35,8 +35,19 @@ def test_minimal_config_runs(tiny_pipe, tmp_path):
     trainer.train()
     assert trainer.state.global_step == 1
     logged = trainer.state.log_history[0]
-    for key in ("loss", "reward", "reward_std", "rewards/brightness/mean", "rewards/brightness/std", "kl",
-                "frac_reward_zero_std", "old_deviate", "x0_norm", "old_decay", "images_per_second"):
+    for key in (
+        "loss",
+        "reward",
+        "reward_std",
+        "rewards/brightness/mean",
+        "rewards/brightness/std",
+        "kl",
+        "frac_reward_zero_std",
+        "old_deviate",
+        "x0_norm",
+        "old_decay",
+        "images_per_second",
+    ):
         assert key in logged and logged[key] is not None and math.isfinite(logged[key]), key
     assert logged["old_decay"] == pytest.approx(0.001)  # paper: eta_1 = min(0.001 * 1, 0.5)
 
@@ -69,7 +80,10 @@ def test_any_scheduler_is_a_black_box_solver(tiny_pipe, tmp_path, scheduler_name
         "euler": lambda: FlowMatchEulerDiscreteScheduler.from_config(config),
         "heun": lambda: FlowMatchHeunDiscreteScheduler.from_config(config),
         "dpmpp_flow": lambda: DPMSolverMultistepScheduler(
-            algorithm_type="dpmsolver++", solver_order=2, use_flow_sigmas=True, prediction_type="flow_prediction",
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            use_flow_sigmas=True,
+            prediction_type="flow_prediction",
             flow_shift=2.0,
         ),
     }[scheduler_name]()
@@ -95,8 +109,14 @@ def test_saved_lora_reproduces_the_trained_policy(tiny_pipe, tmp_path):
 
     def sample(pipe):
         g = torch.Generator().manual_seed(123)
-        return pipe(["a red circle", "two blue squares"], num_inference_steps=4, guidance_scale=1.0, generator=g,
-                    output_type="pt", max_sequence_length=2).images
+        return pipe(
+            ["a red circle", "two blue squares"],
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            generator=g,
+            output_type="pt",
+            max_sequence_length=2,
+        ).images
 
     trained = sample(trainer.pipeline)  # the trained ("default") adapter is the active one after training
     fresh = build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0)
@@ -120,8 +140,9 @@ def test_rewards_multiple_async_none_and_other_columns(tiny_pipe, tmp_path):
         return images.mean(dim=(1, 2, 3))
 
     dataset = [{"prompt": p, "tag": f"tag-{i}"} for i, p in enumerate(PROMPTS)]
-    trainer = _trainer(tiny_pipe, tmp_path, rewards=[tagged, async_bright], dataset=dataset, max_steps=1,
-                       reward_weights=[2.0, 1.0])
+    trainer = _trainer(
+        tiny_pipe, tmp_path, rewards=[tagged, async_bright], dataset=dataset, max_steps=1, reward_weights=[2.0, 1.0]
+    )
     trainer.train()
     logs = trainer.state.log_history[0]
     assert logs["rewards/tagged/mean"] == 1.0
@@ -135,9 +156,13 @@ def test_rewards_multiple_async_none_and_other_columns(tiny_pipe, tmp_path):
 def test_evaluate_is_deterministic_and_logs_rewards(tiny_pipe, tmp_path):
     from trl_nft import DiffusionNFTTrainer
 
-    trainer = DiffusionNFTTrainer(tiny_pipe, "brightness", args=tiny_config(tmp_path),
-                                  train_dataset=[{"prompt": p} for p in PROMPTS],
-                                  eval_dataset=[{"prompt": p} for p in PROMPTS])
+    trainer = DiffusionNFTTrainer(
+        tiny_pipe,
+        "brightness",
+        args=tiny_config(tmp_path),
+        train_dataset=[{"prompt": p} for p in PROMPTS],
+        eval_dataset=[{"prompt": p} for p in PROMPTS],
+    )
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first["eval_reward"] == second["eval_reward"]
     assert "eval_rewards/brightness/mean" in first and "eval_reward_std" in first
@@ -168,8 +193,14 @@ def test_checkpoint_holds_adapter_old_policy_and_card_and_resumes(tiny_pipe, tmp
     from trl_nft.shapes import VOCABULARY
     from trl_nft.shapes.tiny import build_tiny_sd3_pipeline
 
-    resumed = _trainer(build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0), tmp_path, max_steps=2,
-                       save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    resumed = _trainer(
+        build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0),
+        tmp_path,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        learning_rate=1e-2,
+    )
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.state.global_step == 2
     for a, b in zip(final_old, resumed._old, strict=True):
@@ -196,8 +227,12 @@ def test_bad_inputs_fail_before_training(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="no 'prompt' column"):
         DiffusionNFTTrainer(tiny_pipe, "brightness", args=tiny_config(tmp_path), train_dataset=[{"text": "a"}])
     with pytest.raises(ValueError, match="resolution 18 is not a multiple of 4"):
-        DiffusionNFTTrainer(tiny_pipe, "brightness", args=tiny_config(tmp_path, resolution=18),
-                            train_dataset=[{"prompt": p} for p in PROMPTS])
+        DiffusionNFTTrainer(
+            tiny_pipe,
+            "brightness",
+            args=tiny_config(tmp_path, resolution=18),
+            train_dataset=[{"prompt": p} for p in PROMPTS],
+        )
     with pytest.raises(ValueError, match="reward_weights has 2 entries"):
         _trainer(tiny_pipe, tmp_path, reward_weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="Unknown reward 'nope'"):
@@ -219,8 +254,38 @@ def test_string_model_is_loaded_with_from_pretrained(tiny_pipe, tmp_path):
 
     path = tmp_path / "pipe"
     tiny_pipe.save_pretrained(str(path))
-    trainer = DiffusionNFTTrainer(str(path), "brightness", args=tiny_config(tmp_path, max_steps=1),
-                                  train_dataset=[{"prompt": p} for p in PROMPTS])
+    trainer = DiffusionNFTTrainer(
+        str(path),
+        "brightness",
+        args=tiny_config(tmp_path, max_steps=1),
+        train_dataset=[{"prompt": p} for p in PROMPTS],
+    )
     assert type(trainer.pipeline).__name__ == "StableDiffusion3Pipeline"
     assert trainer.base_model_id == str(path)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_eval_images_and_metrics_reach_tensorboard(tiny_pipe, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trl_nft import DiffusionNFTTrainer
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    args = tiny_config(
+        tmp_path, max_steps=1, report_to=["tensorboard"], eval_strategy="steps", eval_steps=1, num_eval_images_to_log=4
+    )
+    trainer = DiffusionNFTTrainer(
+        tiny_pipe,
+        "brightness",
+        args=args,
+        train_dataset=[{"prompt": p} for p in PROMPTS],
+        eval_dataset=[{"prompt": p} for p in PROMPTS],
+    )
+    trainer.train()  # eval_strategy="steps" runs evaluate() after step 1, as in any Trainer
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "eval/samples" in events.Tags()["images"]
+    image = events.Images("eval/samples")[-1]
+    assert image.step == 1 and image.width >= 4 * 32 and image.height >= 32
+    scalars = events.Tags()["scalars"]
+    assert "eval/reward" in scalars and "train/reward" in scalars and "train/old_deviate" in scalars

@@ -8,9 +8,12 @@ below (model, rewards, prompts).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
+
+import yaml
 
 
 @dataclass
@@ -26,7 +29,9 @@ class NFTScriptArguments:
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["brightness"],
-        metadata={"help": "Reward functions: built-in names (e.g. 'shapes', 'brightness') or dotted paths 'module:fn'."},
+        metadata={
+            "help": "Reward functions: built-in names (e.g. 'shapes', 'brightness') or dotted paths 'module:fn'."
+        },
     )
     dataset_name: str | None = field(
         default=None,
@@ -83,7 +88,9 @@ def train(script_args: NFTScriptArguments, training_args) -> str:
     if not script_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a path, a Hub id, or 'shapes-base').")
     if not script_args.dataset_name:
-        raise ValueError("dataset_name is required: 'shapes', a .txt file of prompts, or a dataset with a 'prompt' column.")
+        raise ValueError(
+            "dataset_name is required: 'shapes', a .txt file of prompts, or a dataset with a 'prompt' column."
+        )
     train_dataset = load_prompts(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
     eval_dataset = None
     if script_args.eval_dataset_name:
@@ -108,10 +115,50 @@ def train(script_args: NFTScriptArguments, training_args) -> str:
     return training_args.output_dir
 
 
+@dataclass
+class EvalArguments:
+    """`trl-nft eval`: GenEval-style held-out evaluation on the shapes world."""
+
+    model_name_or_path: str = field(
+        default="shapes-base", metadata={"help": "Pipeline to evaluate: 'shapes-base' (shipped) or a local path."}
+    )
+    lora: str | None = field(default=None, metadata={"help": "Directory of a LoRA to load with load_lora_weights."})
+    num_inference_steps: int = field(default=10, metadata={"help": "Solver steps."})
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale (1.0: CFG-free)."})
+    heldout_per_tag: int = field(
+        default=72, metadata={"help": "Held-out items per tag family (fixed prompts, seeds)."}
+    )
+    output_json: str | None = field(default=None, metadata={"help": "Also write the table and per-item results here."})
+
+
+def evaluate(eval_args: EvalArguments) -> dict:
+    from .shapes import format_table, heldout_items
+    from .shapes.evaluate import evaluate_pipeline
+
+    pipe = load_model(eval_args.model_name_or_path)
+    if eval_args.lora:
+        pipe.load_lora_weights(eval_args.lora)
+    result = evaluate_pipeline(
+        pipe,
+        heldout_items(n_per_tag=eval_args.heldout_per_tag),
+        num_inference_steps=eval_args.num_inference_steps,
+        guidance_scale=eval_args.guidance_scale,
+    )
+    print(format_table(result["table"]))
+    print(f"partial credit {result['partial']:.4f}   strict (items) {result['strict']:.4f}   n={result['n']}")
+    if eval_args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(eval_args.output_json)), exist_ok=True)
+        with open(eval_args.output_json, "w") as f:
+            json.dump({"args": vars(eval_args), **result}, f, indent=2)
+    return result
+
+
 USAGE = """usage: trl-nft <command> [options]
 
 commands:
+  demo    The main job: NFT teaches the shipped tiny base to count, colour and place shapes (CPU, ~15 min)
   train   Train a pipeline with DiffusionNFT: trl-nft train --config run.yaml [--field value ...]
+  eval    Held-out GenEval-style table of the shapes world: trl-nft eval [--lora DIR] [--output_json F]
 
 Run 'trl-nft <command> --help' for a command's options."""
 
@@ -131,6 +178,24 @@ def main(argv: list[str] | None = None) -> int:
         script_args, training_args = parser.parse_args_and_config(rest)
         out = train(script_args, training_args)
         print(f"Adapter saved to {os.path.abspath(out)}")
+        return 0
+    if command == "eval":
+        from trl import TrlParser
+
+        (eval_args,) = TrlParser((EvalArguments,), prog="trl-nft eval").parse_args_and_config(rest)
+        evaluate(eval_args)
+        return 0
+    if command == "demo":
+        from trl import TrlParser
+
+        from .config import DiffusionNFTConfig
+        from .shapes.demo import DEMO_CONFIG, DemoArguments, run_demo
+
+        parser = TrlParser((DemoArguments, DiffusionNFTConfig), prog="trl-nft demo")
+        with open(DEMO_CONFIG) as f:
+            parser.set_defaults_with_config(**yaml.safe_load(f))
+        demo_args, training_args = parser.parse_args_and_config(rest)
+        run_demo(demo_args, training_args)
         return 0
     print(f"trl-nft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import copy
 import inspect
+import json
 import math
 import os
 import time
@@ -44,6 +45,23 @@ NFT_STATE_NAME = "nft_state.safetensors"
 
 def _identity(batch):
     return batch
+
+
+def _make_config_serialisable(model: torch.nn.Module) -> None:
+    """Give a diffusers model's config the `to_json_string()` / `to_dict()` that Trainer integrations call on
+    `model.config` (TensorBoard, W&B); diffusers' `FrozenDict` lacks them. The config stays a `FrozenDict`."""
+    from diffusers.configuration_utils import FrozenDict
+
+    class TrainerFriendlyConfig(FrozenDict):
+        def to_dict(self) -> dict:
+            return dict(self)
+
+        def to_json_string(self) -> str:
+            return json.dumps(dict(self), indent=2, sort_keys=True, default=str)
+
+    config = getattr(model, "_internal_dict", None)
+    if isinstance(config, FrozenDict) and not hasattr(config, "to_json_string"):
+        model._internal_dict = TrainerFriendlyConfig(config)
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -170,6 +188,7 @@ class DiffusionNFTTrainer(Trainer):
         )
         self._ema = [p.detach().clone() for p in self._trainable] if args.eval_ema_decay is not None else None
 
+        _make_config_serialisable(denoiser)
         super().__init__(
             model=denoiser,
             args=args,
@@ -564,7 +583,9 @@ class DiffusionNFTTrainer(Trainer):
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.add_image("eval/samples", array, self.state.global_step, dataformats="HWC")
                 callback.tb_writer.flush()
-            elif type(callback).__name__ == "WandbCallback" and getattr(getattr(callback, "_wandb", None), "run", None):
+            elif type(callback).__name__ == "WandbCallback" and getattr(
+                getattr(callback, "_wandb", None), "run", None
+            ):
                 callback._wandb.log({"eval/samples": callback._wandb.Image(grid)}, commit=False)
 
     # ================================================================================================ saving
