@@ -58,7 +58,7 @@ class PretrainConfig:
     # Transformer
     pool_size: int = 20480
     split: str = "all"
-    transformer_steps: int = 3000
+    transformer_steps: int = 6000
     learning_rate: float = 6e-4
     weight_decay: float = 0.01
     warmup_steps: int = 200

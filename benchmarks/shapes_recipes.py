@@ -1,0 +1,114 @@
+"""Compare DiffusionNFT recipes on the shapes world: held-out accuracy against wall-clock, one run after another.
+
+    python benchmarks/shapes_recipes.py --minutes 15 --out runs/recipes            # every recipe below
+    python benchmarks/shapes_recipes.py --only demo lr1e-3 --minutes 8
+    python benchmarks/shapes_recipes.py --summarise runs/recipes                  # table + plot of finished runs
+
+Each recipe is `trl-nft demo` with flag overrides of the shipped config (trl_nft/configs/shapes_demo.yaml), run in its
+own process with the machine to itself. Prints a table (held-out overall strict accuracy at fixed minutes, best, final,
+gain) and writes `recipes.png`. Absolute minutes drift on a shared machine; compare runs made in one session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+RECIPES: dict[str, list[str]] = {
+    # the shipped demo recipe
+    "demo": [],
+    # the official recipe, scaled down: one optimizer step per rollout batch, all times, KL on
+    "official_1step": ["--steps_per_generation", "1", "--per_device_train_batch_size", "128",
+                       "--timestep_fraction", "0.99", "--kl_weight", "1e-4"],
+    "inner8": ["--steps_per_generation", "8", "--per_device_train_batch_size", "16"],
+    "lr1e-3": ["--learning_rate", "1e-3"],
+    "beta0.1": ["--nft_beta", "0.1"],
+    "full_ft_3e-5": ["--use_lora", "false", "--learning_rate", "3e-5"],
+}
+
+
+def read_runs(root: str) -> dict[str, list[dict]]:
+    runs = {}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "metrics.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs[name] = [json.loads(line) for line in f if line.strip()]
+    return runs
+
+
+def at_minute(held: list[dict], minute: float) -> float | None:
+    """Accuracy of the last evaluation made by `minute` (None if the run was shorter)."""
+    done = [r for r in held if r["minutes"] <= minute + 1e-9]
+    if not done or held[-1]["minutes"] < minute - 0.75:
+        return None
+    return done[-1]["overall"]
+
+
+def summarise(root: str) -> str:
+    runs = read_runs(root)
+    marks = (2, 5, 10, 15)
+    header = f"| recipe | base | {' | '.join(f'@{m} min' for m in marks)} | best (min) | final (min, steps) | gain |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, records in runs.items():
+        held = [r for r in records if r["type"] == "heldout"]
+        if not held:
+            continue
+        base, last = held[0]["overall"], held[-1]
+        best = max(held, key=lambda r: r["overall"])
+        cells = [at_minute(held, m) for m in marks]
+        lines.append(
+            f"| {name} | {base:.3f} | "
+            + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
+            + f" | {best['overall']:.3f} ({best['minutes']:.1f}) | {last['overall']:.3f} ({last['minutes']:.1f}, "
+            f"{last['step']}) | {last['overall'] - base:+.3f} |"
+        )
+    plot(runs, os.path.join(root, "recipes.png"))
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, list[dict]], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, records in runs.items():
+        held = [r for r in records if r["type"] == "heldout"]
+        ax.plot([r["minutes"] for r in held], [r["overall"] for r in held], "o-", ms=3, label=name)
+    ax.set_xlabel("wall-clock minutes (2 CPU cores, evaluations included)")
+    ax.set_ylabel("held-out overall strict accuracy (432 items)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/recipes")
+    parser.add_argument("--minutes", type=float, default=15)
+    parser.add_argument("--only", nargs="*", default=None, help="recipe names to run")
+    parser.add_argument("--summarise", metavar="DIR", help="only print the table of finished runs in DIR")
+    args = parser.parse_args()
+    if args.summarise:
+        print(summarise(args.summarise))
+        return
+    for name in args.only or RECIPES:
+        if name not in RECIPES:
+            sys.exit(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+        cmd = [sys.executable, "-m", "trl_nft.cli", "demo", "--output_dir", os.path.join(args.out, name),
+               "--max_minutes", str(args.minutes), "--disable_tqdm", "true", *RECIPES[name]]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    print(summarise(args.out))
+
+
+if __name__ == "__main__":
+    main()
