@@ -11,8 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """`[B, 3, H, W]` in [0, 1] -> PIL images."""
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]
+    return [Image.fromarray(a) for a in to_uint8_hwc(images)]
 
 
 def image_grid(
