@@ -129,3 +129,10 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path):
     card = (out / "README.md").read_text()
     assert "Held-out evaluation" in card and "load_lora_weights" in card
     assert "Gain:" in proc.stdout
+
+
+def test_missing_base_names_the_path_and_the_fix(tmp_path):
+    from trl_nft.shapes.pretrain import load_base_pipeline
+
+    with pytest.raises(FileNotFoundError, match="python -m trl_nft.shapes.pretrain --output_dir"):
+        load_base_pipeline(str(tmp_path / "nowhere"))

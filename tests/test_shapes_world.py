@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from trl_nft.rewards import resolve_reward
 from trl_nft.shapes import (
     TAGS,
     VOCABULARY,
@@ -27,6 +28,7 @@ from trl_nft.shapes import (
     sample_training_batch,
     score,
     shapes_reward,
+    shapes_strict_reward,
     train_prompts,
     world,
 )
@@ -275,6 +277,9 @@ def test_shapes_reward_on_tensor_batch():
     assert rewards[0] == 1.0 and rewards[2] == 1.0
     assert rewards[1] < 1.0 and rewards[3] < 1.0
     assert shapes_reward.__name__ == "shapes_reward"
+    strict = shapes_strict_reward(prompts, batch, tag=["colors"] * 4)
+    assert strict == [1.0, 0.0, 1.0, 0.0]
+    assert resolve_reward("shapes_strict") is shapes_strict_reward
 
 
 def test_geneval_table_is_mean_of_tags():

@@ -35,13 +35,20 @@ def _shapes_reward():
     return shapes_reward
 
 
+def _shapes_strict_reward():
+    from ..shapes.judge import shapes_strict_reward
+
+    return shapes_strict_reward
+
+
 #: Built-in rewards by name. Values are callables or zero-argument factories (for rewards with heavy imports).
 BUILTIN_REWARDS: dict[str, Callable] = {
     "brightness": brightness,
     "redness": redness,
     "shapes": _shapes_reward,
+    "shapes_strict": _shapes_strict_reward,
 }
-_FACTORIES = {"shapes"}
+_FACTORIES = {"shapes", "shapes_strict"}
 
 
 def reward_name(func: Callable) -> str:

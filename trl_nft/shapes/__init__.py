@@ -15,6 +15,7 @@ from .judge import (
     parse_prompt,
     score,
     shapes_reward,
+    shapes_strict_reward,
 )
 from .world import (
     COLOUR_NAMES,
@@ -68,5 +69,6 @@ __all__ = [
     "score",
     "shape_mask",
     "shapes_reward",
+    "shapes_strict_reward",
     "train_prompts",
 ]

@@ -29,6 +29,10 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 class DemoArguments:
     """Options of the shapes demo (the training recipe itself is `DiffusionNFTConfig`, see the shipped YAML)."""
 
+    base_model: str = field(
+        default="shapes-base",
+        metadata={"help": "Pipeline to fine-tune: 'shapes-base' (the base shipped in the package) or a local path."},
+    )
     max_minutes: float = field(
         default=15.0, metadata={"help": "Stop training after this many minutes of wall-clock (evaluations included)."}
     )
@@ -46,6 +50,13 @@ class DemoArguments:
         metadata={
             "help": "Training prompt mix: 'balanced' (each tag family equally often), 'uniform' (each distinct prompt "
             "equally often), or 'tag=N,tag=N' repeat counts per family (0 drops a family)."
+        },
+    )
+    rewards: str = field(
+        default="shapes",
+        metadata={
+            "help": "Comma-separated built-in rewards: 'shapes' (partial credit) and/or 'shapes_strict' (all "
+            "constraints met); weigh them with `reward_weights`."
         },
     )
     num_sample_images: int = field(default=24, metadata={"help": "Held-out items shown in samples.png."})
@@ -244,13 +255,14 @@ def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
 
     out = training_args.output_dir
     items = heldout_items(n_per_tag=demo_args.heldout_per_tag)
+    base = BASE_DIR if demo_args.base_model == "shapes-base" else demo_args.base_model
     trainer = DiffusionNFTTrainer(
-        load_base_pipeline(),
-        "shapes",
+        load_base_pipeline(base),
+        [name.strip() for name in demo_args.rewards.split(",")],
         args=training_args,
         train_dataset=make_dataset("train", tag_weights=parse_tag_weights(demo_args.tag_weights)),
     )
-    trainer.base_model_id = BASE_DIR
+    trainer.base_model_id = base
     callback = HeldoutEvalCallback(
         trainer,
         items,

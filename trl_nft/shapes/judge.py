@@ -336,6 +336,18 @@ def shapes_reward(prompts: Sequence[str], images: Any, **kwargs: Any) -> list[fl
 shapes_reward.__name__ = "shapes_reward"
 
 
+def shapes_strict_reward(prompts: Sequence[str], images: Any, **kwargs: Any) -> list[float]:
+    """RL reward: 1.0 when an image meets every constraint of its prompt (GenEval's strict rule), else 0.0.
+
+    Sparse on its own; meant as a second reward beside `shapes_reward`, to favour fully correct images over ones that
+    meet most constraints.
+    """
+    arrays = _batch_to_uint8(images)
+    if len(arrays) != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts for {len(arrays)} images.")
+    return [float(score(prompt, image).strict) for prompt, image in zip(prompts, arrays, strict=True)]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # GenEval-style summary
 # ----------------------------------------------------------------------------------------------------------------------

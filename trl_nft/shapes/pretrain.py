@@ -263,15 +263,16 @@ def pretrain(config: PretrainConfig):
     return pipe
 
 
-def load_base_pipeline(**kwargs):
-    """The shipped shapes base pipeline (`trl_nft/shapes/base`), sample it with `max_sequence_length=MAX_SEQUENCE_LENGTH`."""
+def load_base_pipeline(path: str = BASE_DIR, **kwargs):
+    """The shapes base pipeline (by default the shipped `trl_nft/shapes/base`); sample it with
+    `max_sequence_length=MAX_SEQUENCE_LENGTH`."""
     from ..adapters import load_pipeline
 
-    if not os.path.isfile(os.path.join(BASE_DIR, "model_index.json")):
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
-            f"No shapes base model in {BASE_DIR}; build it with `python -m trl_nft.shapes.pretrain`."
+            f"No shapes base model in {path}; build it with `python -m trl_nft.shapes.pretrain --output_dir {path}`."
         )
-    return load_pipeline(BASE_DIR, **kwargs)
+    return load_pipeline(path, **kwargs)
 
 
 def _parse_args(argv: list[str] | None) -> PretrainConfig:
