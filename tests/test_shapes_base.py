@@ -136,3 +136,23 @@ def test_missing_base_names_the_path_and_the_fix(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="python -m trl_nft.shapes.pretrain --output_dir"):
         load_base_pipeline(str(tmp_path / "nowhere"))
+
+
+def test_pretrain_script_is_deterministic_and_loads_offline(tmp_path):
+    """The script that regenerates the shipped base, at a few steps: same flags, same weights, loadable pipeline."""
+    from safetensors.torch import load_file
+
+    from trl_nft.shapes.pretrain import load_base_pipeline, main
+
+    flags = ["--vae-steps", "2", "--vae_batch_size", "8", "--normalisation-images", "16", "--pool-size", "32",
+             "--transformer-steps", "3", "--batch-size", "8", "--warmup-steps", "1", "--num-threads", "1"]
+    for run in ("a", "b"):
+        main([*flags, "--output_dir", str(tmp_path / run)])
+    for part in ("transformer", "vae"):
+        (weights_a,) = (tmp_path / "a" / part).glob("*.safetensors")
+        a, b = load_file(weights_a), load_file(tmp_path / "b" / part / weights_a.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    recorded = json.loads((tmp_path / "a" / "pretrain_config.json").read_text())
+    assert recorded["transformer_steps"] == 3 and recorded["output_dir"] is None
+    pipe = load_base_pipeline(str(tmp_path / "a"))
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"

@@ -281,9 +281,10 @@ def _parse_args(argv: list[str] | None) -> PretrainConfig:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
         kind = type(value) if value is not None else str
-        parser.add_argument(flag, type=kind, default=value, help=f"default: {value}")
+        # Both spellings, like the TrlParser-based `trl-nft` commands.
+        flags = dict.fromkeys(("--" + name.replace("_", "-"), "--" + name))
+        parser.add_argument(*flags, dest=name, type=kind, default=value, help=f"default: {value}")
     return PretrainConfig(**vars(parser.parse_args(argv)))
 
 
