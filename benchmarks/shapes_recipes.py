@@ -18,16 +18,25 @@ import subprocess
 import sys
 
 
+_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
 RECIPES: dict[str, list[str]] = {
-    # the shipped demo recipe
+    # the shipped demo recipe: LoRA r64 on every linear layer, lr 2e-4, bf16 autocast
     "demo": [],
+    # the previous demo recipe: the official attention-only targets at r16, lr 3e-4, float32
+    "lora16_attention": ["--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", *_ATTENTION,
+                         "--learning_rate", "3e-4", "--bf16", "false"],
+    "full_ft_1e-4": ["--use_lora", "false", "--learning_rate", "1e-4"],
+    "full_ft_3e-5": ["--use_lora", "false", "--learning_rate", "3e-5"],
     # the official recipe, scaled down: one optimizer step per rollout batch, all times, KL on
     "official_1step": ["--steps_per_generation", "1", "--per_device_train_batch_size", "128",
                        "--timestep_fraction", "0.99", "--kl_weight", "1e-4"],
+    "num_iterations2": ["--num_iterations", "2"],
+    "plus_strict_reward": ["--rewards", "shapes,shapes_strict", "--reward_weights", "1.0", "1.0"],
+    "lr_linear_decay": ["--lr_scheduler_type", "linear", "--max_steps", "800"],
+    "tag_mix": ["--tag_weights", "single_object=99,two_object=198,counting=24,colors=22,position=2,color_attr=14"],
     "inner8": ["--steps_per_generation", "8", "--per_device_train_batch_size", "16"],
-    "lr1e-3": ["--learning_rate", "1e-3"],
     "beta0.1": ["--nft_beta", "0.1"],
-    "full_ft_3e-5": ["--use_lora", "false", "--learning_rate", "3e-5"],
 }
 
 
@@ -41,18 +50,20 @@ def read_runs(root: str) -> dict[str, list[dict]]:
     return runs
 
 
-def at_minute(held: list[dict], minute: float) -> float | None:
-    """Accuracy of the last evaluation made by `minute` (None if the run was shorter)."""
-    done = [r for r in held if r["minutes"] <= minute + 1e-9]
-    if not done or held[-1]["minutes"] < minute - 0.75:
+def at_mark(held: list[dict], mark: float, x: str = "minutes") -> float | None:
+    """Accuracy of the last evaluation made by `mark` minutes or steps (None if the run was shorter)."""
+    done = [r for r in held if r[x] <= mark + 1e-9]
+    slack = 0.75 if x == "minutes" else 40
+    if not done or held[-1][x] < mark - slack:
         return None
     return done[-1]["overall"]
 
 
-def summarise(root: str) -> str:
+def summarise(root: str, x: str = "minutes") -> str:
+    """Markdown table of finished runs; `x="step"` compares runs made side by side (sharing the CPU) by step."""
     runs = read_runs(root)
-    marks = (2, 5, 10, 15)
-    header = f"| recipe | base | {' | '.join(f'@{m} min' for m in marks)} | best (min) | final (min, steps) | gain |"
+    marks, unit = ((2, 5, 10, 15), "min") if x == "minutes" else ((100, 200, 300, 400, 500), "steps")
+    header = f"| recipe | base | {' | '.join(f'@{m} {unit}' for m in marks)} | best (min) | final (min, steps) | gain |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, records in runs.items():
         held = [r for r in records if r["type"] == "heldout"]
@@ -60,18 +71,18 @@ def summarise(root: str) -> str:
             continue
         base, last = held[0]["overall"], held[-1]
         best = max(held, key=lambda r: r["overall"])
-        cells = [at_minute(held, m) for m in marks]
+        cells = [at_mark(held, m, x) for m in marks]
         lines.append(
             f"| {name} | {base:.3f} | "
             + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
             + f" | {best['overall']:.3f} ({best['minutes']:.1f}) | {last['overall']:.3f} ({last['minutes']:.1f}, "
             f"{last['step']}) | {last['overall'] - base:+.3f} |"
         )
-    plot(runs, os.path.join(root, "recipes.png"))
+    plot(runs, os.path.join(root, "recipes.png"), x)
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, list[dict]], out: str) -> None:
+def plot(runs: dict[str, list[dict]], out: str, x: str = "minutes") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,8 +91,8 @@ def plot(runs: dict[str, list[dict]], out: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, records in runs.items():
         held = [r for r in records if r["type"] == "heldout"]
-        ax.plot([r["minutes"] for r in held], [r["overall"] for r in held], "o-", ms=3, label=name)
-    ax.set_xlabel("wall-clock minutes (2 CPU cores, evaluations included)")
+        ax.plot([r[x] for r in held], [r["overall"] for r in held], "o-", ms=3, label=name)
+    ax.set_xlabel("wall-clock minutes (2 CPU cores, evaluations included)" if x == "minutes" else "optimizer step")
     ax.set_ylabel("held-out overall strict accuracy (432 items)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -96,9 +107,11 @@ def main():
     parser.add_argument("--minutes", type=float, default=15)
     parser.add_argument("--only", nargs="*", default=None, help="recipe names to run")
     parser.add_argument("--summarise", metavar="DIR", help="only print the table of finished runs in DIR")
+    parser.add_argument("--x", choices=("minutes", "step"), default="minutes",
+                        help="compare at wall-clock minutes, or at optimizer steps (runs that shared the machine)")
     args = parser.parse_args()
     if args.summarise:
-        print(summarise(args.summarise))
+        print(summarise(args.summarise, args.x))
         return
     for name in args.only or RECIPES:
         if name not in RECIPES:

@@ -289,3 +289,12 @@ def test_eval_images_and_metrics_reach_tensorboard(tiny_pipe, tmp_path, monkeypa
     assert image.step == 1 and image.width >= 4 * 32 and image.height >= 32
     scalars = events.Tags()["scalars"]
     assert "eval/reward" in scalars and "train/reward" in scalars and "train/old_deviate" in scalars
+
+
+def test_bf16_on_a_cpu_only_machine_means_cpu_autocast(tmp_path):
+    """One config (the shapes demo's) must work on GPU and CPU-only machines; Trainer alone rejects bf16 without use_cpu."""
+    from trl_nft import DiffusionNFTConfig
+    from trl_nft.config import _has_accelerator
+
+    args = DiffusionNFTConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
+    assert args.bf16 and args.use_cpu == (not _has_accelerator())

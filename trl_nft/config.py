@@ -6,6 +6,23 @@ import importlib
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.utils import (
+    is_torch_cuda_available,
+    is_torch_mps_available,
+    is_torch_npu_available,
+    is_torch_xla_available,
+    is_torch_xpu_available,
+    logging,
+)
+
+
+logger = logging.get_logger(__name__)
+
+
+def _has_accelerator() -> bool:
+    checks = (is_torch_cuda_available, is_torch_xla_available, is_torch_mps_available, is_torch_xpu_available,
+              is_torch_npu_available)
+    return any(check() for check in checks)
 
 
 LOSS_TYPES = ("adaptive", "velocity")
@@ -221,6 +238,12 @@ class DiffusionNFTConfig(TrainingArguments):
             )
         if self.per_device_train_batch_size is None:
             self.per_device_train_batch_size = self.num_generations
+        if self.bf16 and not self.use_cpu and not _has_accelerator():
+            # Trainer allows bf16 without an accelerator only under `use_cpu`; CPU bf16 autocast is fast on
+            # AVX512-BF16/AMX CPUs (the shapes demo uses it), so one config serves GPU and CPU-only machines alike.
+            # A GPU without bf16 support still gets Trainer's own error.
+            logger.info("bf16=True on a machine with no accelerator: training on CPU with bf16 autocast (use_cpu=True).")
+            self.use_cpu = True
         super().__post_init__()
         self._check_nft_fields()
         self._resolve_generation_batch()

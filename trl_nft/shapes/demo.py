@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback
 
 from .world import TAGS, heldout_items, prompts_by_tag
 
@@ -160,6 +161,38 @@ class HeldoutEvalCallback(TrainerCallback):
             self.evaluate(state.global_step)
 
 
+class WallClockProgressCallback(TrainerCallback):
+    """The demo's progress bar: minutes of its wall-clock budget (its step count is open-ended, so Trainer's step bar
+    would show a meaningless total), with the step, the latest rollout reward and the latest held-out accuracy."""
+
+    def __init__(self, clock: HeldoutEvalCallback):
+        self.clock = clock
+        self.bar = None
+        self.reward: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=round(self.clock.max_seconds / 60, 2), unit="min", desc="NFT on shapes", ncols=110,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} min {postfix}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.reward = logs["reward"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is None:
+            return
+        self.bar.n = min(self.clock.elapsed() / 60, self.bar.total)
+        postfix = {"step": state.global_step, "heldout": f"{self.clock.history[-1]['overall']:.3f}"}
+        if self.reward is not None:
+            postfix["reward"] = f"{self.reward:.3f}"
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def plot_curves(metrics_path: str, out_path: str) -> None:
     """`reward_curve.png`: training reward and held-out accuracy against optimizer step and wall-clock minutes."""
     import matplotlib
@@ -174,14 +207,16 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
     for col, x in enumerate(("step", "minutes")):
         ax = axes[0][col]
-        ax.plot([r[x] for r in train], [r["reward"] for r in train], color="tab:blue", alpha=0.35, lw=1)
-        if len(train) >= 5:
+        smoothed = len(train) >= 5
+        raw_label = None if smoothed else "train reward"
+        ax.plot([r[x] for r in train], [r["reward"] for r in train], color="tab:blue", alpha=0.35, lw=1, label=raw_label)
+        if smoothed:
             k = max(1, len(train) // 20)
             smooth = [
                 sum(r["reward"] for r in train[max(0, i - k) : i + 1]) / len(train[max(0, i - k) : i + 1])
                 for i in range(len(train))
             ]
-            ax.plot([r[x] for r in train], smooth, color="tab:blue", lw=2, label="train reward (partial credit)")
+            ax.plot([r[x] for r in train], smooth, color="tab:blue", lw=2, label="train reward (smoothed)")
         ax.set_ylabel("rollout reward")
         ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
@@ -272,6 +307,9 @@ def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
         steps=demo_args.eval_inference_steps,
     )
     trainer.add_callback(callback)
+    if not training_args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(WallClockProgressCallback(callback))
     trainer.train()
     trainer.save_model(out)
 
