@@ -78,7 +78,7 @@ def load_model(name_or_path: str):
     if name_or_path == "shapes-base":
         from .shapes.pretrain import load_base_pipeline
 
-        return load_base_pipeline()
+        return load_base_pipeline(name_or_path)
     return load_pipeline(name_or_path)
 
 

@@ -285,19 +285,18 @@ def samples_figure(before: torch.Tensor, after: torch.Tensor, items, before_ok, 
 def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
     from ..trainer import DiffusionNFTTrainer
     from .judge import format_table
-    from .pretrain import BASE_DIR, load_base_pipeline
+    from .pretrain import load_base_pipeline, resolve_base_path
     from .world import make_dataset
 
     out = training_args.output_dir
     items = heldout_items(n_per_tag=demo_args.heldout_per_tag)
-    base = BASE_DIR if demo_args.base_model == "shapes-base" else demo_args.base_model
     trainer = DiffusionNFTTrainer(
-        load_base_pipeline(base),
+        load_base_pipeline(demo_args.base_model),
         [name.strip() for name in demo_args.rewards.split(",")],
         args=training_args,
         train_dataset=make_dataset("train", tag_weights=parse_tag_weights(demo_args.tag_weights)),
     )
-    trainer.base_model_id = base
+    trainer.base_model_id = resolve_base_path(demo_args.base_model)
     callback = HeldoutEvalCallback(
         trainer,
         items,

@@ -321,16 +321,20 @@ def _batch_to_uint8(images: Any) -> list[np.ndarray]:
     return [_as_uint8_hwc(image) for image in images]
 
 
+def _score_batch(prompts: Sequence[str], images: Any) -> list[JudgeResult]:
+    arrays = _batch_to_uint8(images)
+    if len(arrays) != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts for {len(arrays)} images.")
+    return [score(prompt, image) for prompt, image in zip(prompts, arrays, strict=True)]
+
+
 def shapes_reward(prompts: Sequence[str], images: Any, **kwargs: Any) -> list[float]:
     """RL reward: the judge's partial score of each image against its prompt, in [0, 1].
 
     Extra keyword arguments (other dataset columns, `trainer_state`, ...) are accepted and ignored, so the function
     plugs into trainers that pass everything they have.
     """
-    arrays = _batch_to_uint8(images)
-    if len(arrays) != len(prompts):
-        raise ValueError(f"Got {len(prompts)} prompts for {len(arrays)} images.")
-    return [float(score(prompt, image).partial) for prompt, image in zip(prompts, arrays, strict=True)]
+    return [float(result.partial) for result in _score_batch(prompts, images)]
 
 
 shapes_reward.__name__ = "shapes_reward"
@@ -342,10 +346,7 @@ def shapes_strict_reward(prompts: Sequence[str], images: Any, **kwargs: Any) -> 
     Sparse on its own; meant as a second reward beside `shapes_reward`, to favour fully correct images over ones that
     meet most constraints.
     """
-    arrays = _batch_to_uint8(images)
-    if len(arrays) != len(prompts):
-        raise ValueError(f"Got {len(prompts)} prompts for {len(arrays)} images.")
-    return [float(score(prompt, image).strict) for prompt, image in zip(prompts, arrays, strict=True)]
+    return [float(result.strict) for result in _score_batch(prompts, images)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -263,11 +263,17 @@ def pretrain(config: PretrainConfig):
     return pipe
 
 
-def load_base_pipeline(path: str = BASE_DIR, **kwargs):
-    """The shapes base pipeline (by default the shipped `trl_nft/shapes/base`); sample it with
-    `max_sequence_length=MAX_SEQUENCE_LENGTH`."""
+def resolve_base_path(path: str) -> str:
+    """`"shapes-base"` names the shipped base; anything else is a directory."""
+    return BASE_DIR if path == "shapes-base" else path
+
+
+def load_base_pipeline(path: str = "shapes-base", **kwargs):
+    """A shapes base pipeline: `"shapes-base"` (the one shipped in `trl_nft/shapes/base`) or a directory written by
+    this script. Sample it with `max_sequence_length=MAX_SEQUENCE_LENGTH`."""
     from ..adapters import load_pipeline
 
+    path = resolve_base_path(path)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
             f"No shapes base model in {path}; build it with `python -m trl_nft.shapes.pretrain --output_dir {path}`."
