@@ -106,7 +106,7 @@ def test_nft_on_the_shapes_world_raises_the_partial_credit_reward(base_pipe, tmp
     assert after > before + 0.05, (before, after)
 
 
-def test_demo_end_to_end_writes_every_artifact(tmp_path):
+def test_demo_end_to_end_writes_every_artifact(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [*_cli(), "demo", "--output_dir", str(out), "--max_steps", "2", "--heldout_per_tag", "2",
@@ -128,6 +128,13 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path):
     assert summary["heldout_items"] == 12 and summary["steps"] == 2
     card = (out / "README.md").read_text()
     assert "Held-out evaluation" in card and "load_lora_weights" in card
+    # The card's snippet runs as written (from the directory that holds the adapter) and samples as trained.
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "text_encoder_3=None" in snippet and "max_sequence_length=1" in snippet, snippet
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(snippet, namespace)
+    assert namespace["image"].size == (32, 32)
     assert "Gain:" in proc.stdout
 
 

@@ -31,9 +31,9 @@ process, [arXiv 2509.16117](https://arxiv.org/abs/2509.16117)) using [trl_nft](h
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{{ base_model_code }}")
+pipe = DiffusionPipeline.from_pretrained("{{ base_model_code }}"{{ load_kwargs }})
 {{ load_line }}
-image = pipe("a photo of a cat", guidance_scale={{ guidance }}, num_inference_steps={{ eval_steps }}).images[0]
+image = pipe({{ example_prompt }}, guidance_scale={{ guidance }}, num_inference_steps={{ eval_steps }}{{ call_kwargs }}).images[0]
 ```
 
 DiffusionNFT trains the model without classifier-free guidance, so sample it with `guidance_scale={{ guidance }}`.
@@ -87,6 +87,9 @@ def write_model_card(
     dataset_name: str | None = None,
     tags: list[str] | None = None,
     log_history: list[dict] | None = None,
+    example_prompt: str = "a photo of a cat",
+    load_kwargs: dict | None = None,
+    call_kwargs: dict | None = None,
 ) -> str:
     """Render and save the card; returns its path."""
     hub_base = base_model if base_model and not os.path.isdir(base_model) else None
@@ -111,6 +114,9 @@ def write_model_card(
         base_model_display=base_model or "the base pipeline",
         base_model_link=f"https://huggingface.co/{hub_base}" if hub_base else "#use-it",
         base_model_code=base_model or "<base model>",
+        load_kwargs="".join(f", {k}={v!r}" for k, v in (load_kwargs or {}).items()),
+        example_prompt=repr(example_prompt),
+        call_kwargs="".join(f", {k}={v!r}" for k, v in (call_kwargs or {}).items()),
         load_line=f'pipe.load_lora_weights("{repo}")' if use_lora else "# load the fine-tuned denoiser from this repo",
         guidance=args.eval_guidance_scale if args.eval_guidance_scale is not None else args.guidance_scale,
         eval_steps=args.eval_num_inference_steps,

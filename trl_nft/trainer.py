@@ -34,7 +34,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import core
-from .adapters import get_adapter, load_pipeline
+from .adapters import get_adapter, load_pipeline, null_components
 from .config import DiffusionNFTConfig, import_from_string
 from .model_card import write_model_card
 from .rewards import resolve_reward, reward_name
@@ -658,4 +658,13 @@ class DiffusionNFTTrainer(Trainer):
             dataset_name=dataset_name,
             tags=list(self._tag_names) + list(tags or []),
             log_history=self.state.log_history,
+            example_prompt=self._example_prompt(),
+            load_kwargs=dict.fromkeys(null_components(self.base_model_id)),
+            call_kwargs=self.adapter.call_kwargs(self.args.max_sequence_length),
         )
+
+    def _example_prompt(self) -> str:
+        dataset = self.train_dataset
+        if dataset is not None and len(dataset) > 0:
+            return str(dataset[0]["prompt"])
+        return "a photo of a cat"

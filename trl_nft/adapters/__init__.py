@@ -22,6 +22,16 @@ def get_adapter(pipeline) -> PipelineAdapter:
     raise ValueError(f"No DiffusionNFT adapter for pipeline class {name!r}. Supported pipelines: {supported}.")
 
 
+def null_components(name_or_path: str | None) -> list[str]:
+    """Components a local pipeline was saved without (`[null, null]` in its `model_index.json`)."""
+    index_file = os.path.join(name_or_path or "", "model_index.json")
+    if not os.path.isfile(index_file):
+        return []
+    with open(index_file) as f:
+        index = json.load(f)
+    return [key for key, value in index.items() if isinstance(value, list) and value == [None, None]]
+
+
 def load_pipeline(name_or_path: str, **kwargs):
     """`DiffusionPipeline.from_pretrained`, also for local pipelines saved without some required components.
 
@@ -30,16 +40,11 @@ def load_pipeline(name_or_path: str, **kwargs):
     """
     from diffusers import DiffusionPipeline
 
-    index_file = os.path.join(name_or_path, "model_index.json")
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            index = json.load(f)
-        for key, value in index.items():
-            if isinstance(value, list) and value == [None, None] and key not in kwargs:
-                kwargs[key] = None
+    for key in null_components(name_or_path):
+        kwargs.setdefault(key, None)
     pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-__all__ = ["ADAPTERS", "PipelineAdapter", "SD3Adapter", "get_adapter", "load_pipeline"]
+__all__ = ["ADAPTERS", "PipelineAdapter", "SD3Adapter", "get_adapter", "load_pipeline", "null_components"]

@@ -78,6 +78,10 @@ class PipelineAdapter:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- LoRA I/O
+    def call_kwargs(self, max_sequence_length: int) -> dict[str, Any]:
+        """Extra `pipe(...)` arguments that sample as the trainer does (shown in the model card's snippet)."""
+        return {}
+
     def save_lora_weights(self, save_directory: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]):
         """Write `pytorch_lora_weights.safetensors` in the diffusers format, loadable by `load_lora_weights`."""
         type(self.pipeline).save_lora_weights(

@@ -78,6 +78,9 @@ class SD3Adapter(PipelineAdapter):
         )
         return out.images
 
+    def call_kwargs(self, max_sequence_length):
+        return {"max_sequence_length": max_sequence_length}
+
     def training_grid(self):
         # Flow schedulers keep the flow sigmas (= t) of the last `set_timesteps`, with a terminal 0 and, for
         # second-order solvers, repeated entries.
