@@ -66,6 +66,12 @@ class PretrainConfig:
     batch_size: int = 64
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    # Train the two CLIP text encoders with the transformer (same optimizer, EMA and learning rate) rather than keep
+    # them frozen at their random initialisation. Random word features leave binding ("a red circle and a blue
+    # square") to the 4-layer transformer alone.
+    train_text_encoders: bool = False
+    # bf16 autocast for the transformer stage (CPU or GPU); weights and optimizer state stay float32.
+    bf16: bool = False
     # Intermediate EMA checkpoints (full pipelines), for choosing the step count; 0 disables them.
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
@@ -128,9 +134,8 @@ def fit_latent_normalisation(vae, n_images: int, rng: np.random.Generator) -> tu
     return mean, std
 
 
-@torch.no_grad()
-def encode_prompt_table(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings of `prompts`, row-aligned: the text encoders are frozen, so each prompt is encoded once."""
+def _encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's own text conditioning (token embeddings, pooled embeddings), differentiable."""
     embeds, _, pooled, _ = pipe.encode_prompt(
         prompt=prompts,
         prompt_2=None,
@@ -139,6 +144,12 @@ def encode_prompt_table(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.T
         max_sequence_length=MAX_SEQUENCE_LENGTH,
     )
     return embeds, pooled
+
+
+@torch.no_grad()
+def encode_prompt_table(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings of `prompts`, row-aligned: with frozen text encoders each prompt is encoded once."""
+    return _encode_prompts(pipe, prompts)
 
 
 @torch.no_grad()
@@ -155,32 +166,38 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1.0 - decay)
 
 
-def _with_transformer(pipe, transformer):
-    """The same pipeline with another transformer (sharing every other component)."""
-    return type(pipe)(**{**pipe.components, "transformer": transformer})
+def _with_components(pipe, **components):
+    """The same pipeline with some components replaced (sharing every other one)."""
+    return type(pipe)(**{**pipe.components, **components})
 
 
 def train_transformer(
     pipe,
     latents: torch.Tensor,
     prompt_ids: torch.Tensor,
-    embeds: torch.Tensor,
-    pooled: torch.Tensor,
+    prompts: list[str],
     empty_id: int,
     config: PretrainConfig,
     generator: torch.Generator,
-) -> torch.nn.Module:
-    """Rectified-flow pretraining; returns the EMA transformer.
+) -> dict[str, torch.nn.Module]:
+    """Rectified-flow pretraining; returns the EMA copies of the trained components, by pipeline component name.
 
     `x_t = (1 - t) x0 + t eps` with the velocity target `eps - x0` (what the flow-matching Euler sampler integrates),
     t logit-normal(0, 1) as in SD3, fed as `t * 1000` like the pipeline's timesteps. A `caption_dropout` fraction of
-    the batch is conditioned on the empty prompt, which is the pipeline's negative prompt, so CFG works on the base.
+    the batch is conditioned on the empty prompt (`prompts[empty_id]`), which is the pipeline's negative prompt, so
+    CFG works on the base. With `train_text_encoders` the two CLIP encoders learn with the transformer; otherwise
+    every prompt is encoded once up front.
     """
-    transformer = pipe.transformer
-    transformer.train()
-    ema = copy.deepcopy(transformer).requires_grad_(False).eval()
+    trainable = {"transformer": pipe.transformer}
+    if config.train_text_encoders:
+        trainable |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+        table = None
+    else:
+        table = encode_prompt_table(pipe, prompts)
+    model = torch.nn.ModuleDict(trainable).requires_grad_(True).train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(
-        transformer.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999)
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     recent: list[float] = []
@@ -194,20 +211,27 @@ def train_transformer(
         t = torch.sigmoid(torch.randn(config.batch_size, generator=generator))
         t_ = t.view(-1, 1, 1, 1)
         x_t = (1 - t_) * x0 + t_ * noise
-        pred = transformer(
-            hidden_states=x_t,
-            timestep=t * 1000,
-            encoder_hidden_states=embeds[ids],
-            pooled_projections=pooled[ids],
-            return_dict=False,
-        )[0]
-        loss = F.mse_loss(pred, noise - x0)
+        if table is None:
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            embeds, pooled = _encode_prompts(pipe, [prompts[i] for i in unique.tolist()])
+            embeds, pooled = embeds[inverse], pooled[inverse]
+        else:
+            embeds, pooled = table[0][ids], table[1][ids]
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            pred = model["transformer"](
+                hidden_states=x_t,
+                timestep=t * 1000,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+        loss = F.mse_loss(pred.float(), noise - x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        _ema_update(ema, transformer, min(config.ema_decay, (1 + step) / (10 + step)))
+        _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
         recent = (recent + [loss.item()])[-50:]
         if step % config.log_every == 0 or step == config.transformer_steps:
             elapsed = time.perf_counter() - start
@@ -222,10 +246,10 @@ def train_transformer(
             )
         if config.checkpoint_every and config.checkpoint_dir and step % config.checkpoint_every == 0:
             path = os.path.join(config.checkpoint_dir, f"step-{step}")
-            _with_transformer(pipe, ema).save_pretrained(path)
+            _with_components(pipe, **ema).save_pretrained(path)
             logger.info("saved EMA checkpoint %s", path)
-    transformer.eval()
-    return ema
+    model.requires_grad_(False).eval()
+    return dict(ema)
 
 
 def pretrain(config: PretrainConfig):
@@ -249,16 +273,15 @@ def pretrain(config: PretrainConfig):
 
     t0 = time.perf_counter()
     prompts = [spec.prompt for spec in all_prompts()]
-    embeds, pooled = encode_prompt_table(pipe, [*prompts, ""])
     index = {p: i for i, p in enumerate(prompts)}
     latents, pool_prompts = encode_latent_pool(pipe.vae, config.pool_size, rng, config.split)
     prompt_ids = torch.tensor([index[p] for p in pool_prompts])
-    logger.info("encoded %d prompts and %d latents in %.0f s", len(prompts), len(latents), time.perf_counter() - t0)
+    logger.info("encoded %d latents in %.0f s", len(latents), time.perf_counter() - t0)
 
     pipe.text_encoder.requires_grad_(False)
     pipe.text_encoder_2.requires_grad_(False)
-    ema = train_transformer(pipe, latents, prompt_ids, embeds, pooled, len(prompts), config, generator)
-    pipe = _with_transformer(pipe, ema)
+    ema = train_transformer(pipe, latents, prompt_ids, [*prompts, ""], len(prompts), config, generator)
+    pipe = _with_components(pipe, **ema)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -281,13 +304,21 @@ def load_base_pipeline(path: str = "shapes-base", **kwargs):
     return load_pipeline(path, **kwargs)
 
 
+def _str_to_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _parse_args(argv: list[str] | None) -> PretrainConfig:
     defaults = PretrainConfig()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     for name, value in asdict(defaults).items():
-        kind = type(value) if value is not None else str
+        kind = _str_to_bool if isinstance(value, bool) else type(value) if value is not None else str
         # Both spellings, like the TrlParser-based `trl-nft` commands.
         flags = dict.fromkeys(("--" + name.replace("_", "-"), "--" + name))
         parser.add_argument(*flags, dest=name, type=kind, default=value, help=f"default: {value}")
