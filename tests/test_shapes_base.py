@@ -8,7 +8,14 @@ import sys
 
 import pytest
 import torch
+import yaml
 
+import trl_nft
+
+
+# The demo's LoRA targets (every linear layer), read from the shipped recipe so the test follows it.
+with open(os.path.join(os.path.dirname(trl_nft.__file__), "configs", "shapes_demo.yaml")) as _f:
+    DEMO_LORA_TARGETS = yaml.safe_load(_f)["lora_target_modules"]
 
 def _cli():
     exe = shutil.which("trl-nft", path=os.path.dirname(sys.executable))
@@ -94,7 +101,8 @@ def test_nft_on_the_shapes_world_raises_the_partial_credit_reward(base_pipe, tmp
     args = DiffusionNFTConfig(
         output_dir=str(tmp_path), max_steps=40, num_generations=16, per_device_train_batch_size=16,
         steps_per_generation=4, num_inference_steps=6, eval_num_inference_steps=10, max_sequence_length=1,
-        timestep_fraction=0.5, learning_rate=1e-3, lora_r=16, lora_alpha=32, kl_weight=0.0,
+        timestep_fraction=0.5, learning_rate=1e-3, lora_r=32, lora_alpha=32, kl_weight=0.0,
+        lora_target_modules=DEMO_LORA_TARGETS,
         report_to="none", save_strategy="no", disable_tqdm=True, seed=0, per_device_eval_batch_size=64,
     )
     evals = Dataset.from_dict({"prompt": [p for p in prompts for _ in range(16)]})
@@ -155,11 +163,20 @@ def test_pretrain_script_is_deterministic_and_loads_offline(tmp_path):
              "--transformer-steps", "3", "--batch-size", "8", "--warmup-steps", "1", "--num-threads", "1"]
     for run in ("a", "b"):
         main([*flags, "--output_dir", str(tmp_path / run)])
-    for part in ("transformer", "vae"):
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         (weights_a,) = (tmp_path / "a" / part).glob("*.safetensors")
         a, b = load_file(weights_a), load_file(tmp_path / "b" / part / weights_a.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     recorded = json.loads((tmp_path / "a" / "pretrain_config.json").read_text())
     assert recorded["transformer_steps"] == 3 and recorded["output_dir"] is None
+    # The shipped recipe trains the text encoders with the transformer; "false" must really turn that off.
+    assert recorded["train_text_encoders"] is True and recorded["bf16"] is True
+    main([*flags, "--output_dir", str(tmp_path / "frozen"), "--train_text_encoders", "false", "--bf16", "false"])
+    frozen_recorded = json.loads((tmp_path / "frozen" / "pretrain_config.json").read_text())
+    assert frozen_recorded["train_text_encoders"] is False and frozen_recorded["bf16"] is False
+    for part in ("text_encoder", "text_encoder_2"):
+        trained = load_file(tmp_path / "a" / part / "model.safetensors")
+        frozen = load_file(tmp_path / "frozen" / part / "model.safetensors")
+        assert any(not torch.equal(trained[k], frozen[k]) for k in trained), part
     pipe = load_base_pipeline(str(tmp_path / "a"))
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"

@@ -168,6 +168,22 @@ def test_evaluate_is_deterministic_and_logs_rewards(tiny_pipe, tmp_path):
     assert "eval_rewards/brightness/mean" in first and "eval_reward_std" in first
 
 
+def test_lora_initialisation_follows_the_seed(tmp_path):
+    """The adapters are created before Trainer seeds; the trainer must seed first so runs repeat across processes."""
+    from trl_nft.shapes import VOCABULARY
+    from trl_nft.shapes.tiny import build_tiny_sd3_pipeline
+
+    def lora_init(seed, rng_noise):
+        pipe = build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0)
+        torch.manual_seed(rng_noise)  # whatever the caller did with the global RNG before
+        trainer = _trainer(pipe, tmp_path, max_steps=1, seed=seed)
+        return [p.detach().clone() for p in trainer._trainable]
+
+    first, second, other = lora_init(0, 1), lora_init(0, 2), lora_init(1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
 def test_full_finetuning_path(tiny_pipe, tmp_path):
     trainer = _trainer(tiny_pipe, tmp_path, max_steps=2, use_lora=False, learning_rate=1e-3)
     before = _snapshot(tiny_pipe)

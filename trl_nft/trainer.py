@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -169,6 +169,9 @@ class DiffusionNFTTrainer(Trainer):
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False)
         denoiser = self.adapter.denoiser
+        # Trainer seeds in its own __init__, after the adapters below exist: seed first, or the LoRA initialisation
+        # (and so the whole run) differs from process to process despite `seed`.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.use_lora = args.use_lora or peft_config is not None
         if self.use_lora:
             self._setup_lora(denoiser, args, peft_config)
