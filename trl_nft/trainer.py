@@ -171,7 +171,10 @@ class DiffusionNFTTrainer(Trainer):
         denoiser = self.adapter.denoiser
         # Trainer seeds in its own __init__, after the adapters below exist: seed first, or the LoRA initialisation
         # (and so the whole run) differs from process to process despite `seed`.
-        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
         self.use_lora = args.use_lora or peft_config is not None
         if self.use_lora:
             self._setup_lora(denoiser, args, peft_config)

@@ -149,12 +149,6 @@ def _encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def encode_prompt_table(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings of `prompts`, row-aligned: with frozen text encoders each prompt is encoded once."""
-    return _encode_prompts(pipe, prompts)
-
-
-@torch.no_grad()
 def encode_latent_pool(vae, n: int, rng: np.random.Generator, split: str = "all") -> tuple[torch.Tensor, list[str]]:
     """`n` normalised ground-truth latents with their prompts, rendered and encoded once and re-used across epochs."""
     images, prompts = sample_training_batch(n, rng, split)
@@ -195,7 +189,8 @@ def train_transformer(
         trainable |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
         table = None
     else:
-        table = encode_prompt_table(pipe, prompts)
+        with torch.no_grad():
+            table = _encode_prompts(pipe, prompts)
     model = torch.nn.ModuleDict(trainable).requires_grad_(True).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(
@@ -306,21 +301,15 @@ def load_base_pipeline(path: str = "shapes-base", **kwargs):
     return load_pipeline(path, **kwargs)
 
 
-def _str_to_bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _parse_args(argv: list[str] | None) -> PretrainConfig:
+    from transformers.hf_argparser import string_to_bool
+
     defaults = PretrainConfig()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     for name, value in asdict(defaults).items():
-        kind = _str_to_bool if isinstance(value, bool) else type(value) if value is not None else str
+        kind = string_to_bool if isinstance(value, bool) else type(value) if value is not None else str
         # Both spellings, like the TrlParser-based `trl-nft` commands.
         flags = dict.fromkeys(("--" + name.replace("_", "-"), "--" + name))
         parser.add_argument(*flags, dest=name, type=kind, default=value, help=f"default: {value}")
