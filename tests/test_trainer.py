@@ -184,6 +184,23 @@ def test_lora_initialisation_follows_the_seed(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+def test_eval_ema_weights_are_what_evaluation_and_saving_use(tiny_pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = _trainer(tiny_pipe, tmp_path, max_steps=3, learning_rate=1e-2, eval_ema_decay=0.9)
+    trainer.train()
+    trained = [p.detach().clone() for p in trainer._trainable]
+    assert not all(torch.equal(p, e) for p, e in zip(trained, trainer._ema, strict=True))
+    with trainer.evaluation_weights():
+        assert all(torch.equal(p, e) for p, e in zip(trainer._trainable, trainer._ema, strict=True))
+    assert all(torch.equal(p, t) for p, t in zip(trainer._trainable, trained, strict=True))  # swapped back
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = load_file(tmp_path / "adapter" / "pytorch_lora_weights.safetensors")
+    saved_norm = sum(float(v.double().pow(2).sum()) for v in saved.values())
+    assert saved_norm == pytest.approx(sum(float(e.double().pow(2).sum()) for e in trainer._ema), rel=1e-6)
+    assert saved_norm != pytest.approx(sum(float(t.double().pow(2).sum()) for t in trained), rel=1e-6)
+
+
 def test_full_finetuning_path(tiny_pipe, tmp_path):
     trainer = _trainer(tiny_pipe, tmp_path, max_steps=2, use_lora=False, learning_rate=1e-3)
     before = _snapshot(tiny_pipe)

@@ -306,6 +306,13 @@ class DiffusionNFTTrainer(Trainer):
                 for p, b in zip(self._trainable, backup, strict=True):
                     p.copy_(b)
 
+    @contextlib.contextmanager
+    def evaluation_weights(self):
+        """The weights that evaluations and saved adapters use: the trained policy, or its EMA when `eval_ema_decay`
+        is set. Yields the pipeline; callers that sample outside `evaluate` (the shapes demo) use this too."""
+        with self._policy("default"), self._ema_weights():
+            yield self.pipeline
+
     def _after_optimizer_step(self):
         step = self.state.global_step
         if self._ema is not None:
@@ -541,7 +548,7 @@ class DiffusionNFTTrainer(Trainer):
         device = self.accelerator.device
         bs = self.args.per_device_eval_batch_size
         all_scores, all_images, all_prompts = [], [], []
-        with self._policy("default"), self._ema_weights():
+        with self.evaluation_weights():
             for i in range(0, len(indices), bs):
                 idx = indices[i : i + bs]
                 prompts = [rows[j]["prompt"] for j in idx]

@@ -113,9 +113,10 @@ class HeldoutEvalCallback(TrainerCallback):
         from .evaluate import evaluate_pipeline
 
         t0 = time.perf_counter()
-        result = evaluate_pipeline(
-            self.trainer.pipeline, self.items, num_inference_steps=self.steps, batch_size=144, return_images=True
-        )
+        with self.trainer.evaluation_weights() as pipeline:
+            result = evaluate_pipeline(
+                pipeline, self.items, num_inference_steps=self.steps, batch_size=144, return_images=True
+            )
         images = result.pop("images")
         if self.first_images is None:
             self.first_images, self.first_result = images, result
