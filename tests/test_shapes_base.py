@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-import trl_nft
+from trl_nft.shapes.demo import DEMO_CONFIG
 
 
 # The demo's LoRA targets (every linear layer), read from the shipped recipe so the test follows it.
-with open(os.path.join(os.path.dirname(trl_nft.__file__), "configs", "shapes_demo.yaml")) as _f:
+with open(DEMO_CONFIG) as _f:
     DEMO_LORA_TARGETS = yaml.safe_load(_f)["lora_target_modules"]
 
 def _cli():

@@ -275,8 +275,6 @@ def pretrain(config: PretrainConfig):
     prompt_ids = torch.tensor([index[p] for p in pool_prompts])
     logger.info("encoded %d latents in %.0f s", len(latents), time.perf_counter() - t0)
 
-    pipe.text_encoder.requires_grad_(False)
-    pipe.text_encoder_2.requires_grad_(False)
     ema = train_transformer(pipe, latents, prompt_ids, [*prompts, ""], len(prompts), config, generator)
     pipe = _with_components(pipe, **ema)
     pipe.set_progress_bar_config(disable=True)
