@@ -180,3 +180,19 @@ def test_pretrain_script_is_deterministic_and_loads_offline(tmp_path):
         assert any(not torch.equal(trained[k], frozen[k]) for k in trained), part
     pipe = load_base_pipeline(str(tmp_path / "a"))
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    # A second stage continues from the first one's weights: same VAE, further-trained transformer.
+    main([*flags, "--output_dir", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"), "--lr-decay-steps", "3"])
+    assert json.loads((tmp_path / "c" / "pretrain_config.json").read_text())["init_from"] == str(tmp_path / "a")
+    for part, same in (("vae", True), ("transformer", False)):
+        (weights_a,) = (tmp_path / "a" / part).glob("*.safetensors")
+        a, c = load_file(weights_a), load_file(tmp_path / "c" / part / weights_a.name)
+        assert all(torch.equal(a[k], c[k]) for k in a) == same, part
+
+
+def test_pretrain_learning_rate_schedule():
+    from trl_nft.shapes.pretrain import PretrainConfig, learning_rate_factor
+
+    constant = PretrainConfig(transformer_steps=10, warmup_steps=2)
+    assert [learning_rate_factor(s, constant) for s in range(10)] == [0.5] + [1.0] * 9
+    decayed = PretrainConfig(transformer_steps=10, warmup_steps=2, lr_decay_steps=4)
+    assert [learning_rate_factor(s, decayed) for s in range(10)] == [0.5] + [1.0] * 6 + [0.75, 0.5, 0.25]

@@ -60,7 +60,13 @@ class PretrainConfig:
     pool_size: int = 20480
     split: str = "all"
     transformer_steps: int = 10000
+    # Continue from an existing base (a directory, or "shapes-base") instead of starting from random weights: its VAE
+    # and latent normalisation are kept, and the transformer (with the text encoders, if trained) continues from its
+    # EMA weights with a fresh optimizer for `transformer_steps` more steps.
+    init_from: str | None = None
     learning_rate: float = 6e-4
+    # Decay the learning rate linearly to zero over the last `lr_decay_steps` steps; 0 keeps it constant after warm-up.
+    lr_decay_steps: int = 0
     weight_decay: float = 0.01
     warmup_steps: int = 200
     max_grad_norm: float = 1.0
@@ -167,6 +173,13 @@ def _with_components(pipe, **components):
     return type(pipe)(**{**pipe.components, **components})
 
 
+def learning_rate_factor(step: int, config: PretrainConfig) -> float:
+    """Multiplier of `learning_rate` for optimizer step `step` (0-based): linear warm-up, then constant, then (with
+    `lr_decay_steps`) a linear decay that reaches zero after the last step."""
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    return warmup * min(1.0, max(0.0, (config.transformer_steps - step) / max(1, config.lr_decay_steps)))
+
+
 def train_transformer(
     pipe,
     latents: torch.Tensor,
@@ -196,7 +209,7 @@ def train_transformer(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
     recent: list[float] = []
     start = time.perf_counter()
     for step in range(1, config.transformer_steps + 1):
@@ -255,18 +268,21 @@ def pretrain(config: PretrainConfig):
     from .world import VOCABULARY
 
     torch.set_num_threads(config.num_threads)
-    pipe = build_tiny_sd3_pipeline(VOCABULARY, "shapes", seed=config.seed)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-
-    t0 = time.perf_counter()
-    pipe.vae.requires_grad_(True)
-    mse = train_vae(pipe.vae, config, rng, generator)
-    pipe.vae.requires_grad_(False)
-    mean, std = fit_latent_normalisation(pipe.vae, config.normalisation_images, rng)
-    logger.info(
-        "vae done in %.0f s: recon mse %.5f, latent mean %.4f std %.4f", time.perf_counter() - t0, mse, mean, std
-    )
+    if config.init_from is not None:
+        pipe = load_base_pipeline(config.init_from)
+        logger.info("continuing from %s; its VAE is kept", resolve_base_path(config.init_from))
+    else:
+        pipe = build_tiny_sd3_pipeline(VOCABULARY, "shapes", seed=config.seed)
+        t0 = time.perf_counter()
+        pipe.vae.requires_grad_(True)
+        mse = train_vae(pipe.vae, config, rng, generator)
+        pipe.vae.requires_grad_(False)
+        mean, std = fit_latent_normalisation(pipe.vae, config.normalisation_images, rng)
+        logger.info(
+            "vae done in %.0f s: recon mse %.5f, latent mean %.4f std %.4f", time.perf_counter() - t0, mse, mean, std
+        )
 
     t0 = time.perf_counter()
     prompts = [spec.prompt for spec in all_prompts()]
