@@ -182,7 +182,8 @@ def test_pretrain_script_is_deterministic_and_loads_offline(tmp_path):
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
     # A second stage continues from the first one's weights: same VAE, further-trained transformer.
     main([*flags, "--output_dir", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"), "--lr-decay-steps", "3"])
-    assert json.loads((tmp_path / "c" / "pretrain_config.json").read_text())["init_from"] == str(tmp_path / "a")
+    continued = json.loads((tmp_path / "c" / "pretrain_config.json").read_text())
+    assert continued["init_from"] == str(tmp_path / "a") and continued["init_from_config"] == recorded
     for part, same in (("vae", True), ("transformer", False)):
         (weights_a,) = (tmp_path / "a" / part).glob("*.safetensors")
         a, c = load_file(weights_a), load_file(tmp_path / "c" / part / weights_a.name)

@@ -338,12 +338,15 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(config.output_dir, exist_ok=True)
     pipe.save_pretrained(config.output_dir)
     minutes = (time.perf_counter() - start) / 60
+    record = {**asdict(config), "output_dir": None, "checkpoint_dir": None, "wall_minutes": round(minutes, 1)}
+    if config.init_from is not None:
+        # The stage this one continued, so that the file alone says how to regenerate the result.
+        previous = os.path.join(resolve_base_path(config.init_from), "pretrain_config.json")
+        if os.path.isfile(previous):
+            with open(previous) as f:
+                record["init_from_config"] = json.load(f)
     with open(os.path.join(config.output_dir, "pretrain_config.json"), "w") as f:
-        json.dump(
-            {**asdict(config), "output_dir": None, "checkpoint_dir": None, "wall_minutes": round(minutes, 1)},
-            f,
-            indent=2,
-        )
+        json.dump(record, f, indent=2)
     logger.info("saved the base to %s (%.1f min in all)", config.output_dir, minutes)
 
 
