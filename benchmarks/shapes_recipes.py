@@ -36,7 +36,10 @@ RECIPES: dict[str, list[str]] = {
     "lr_linear_decay": ["--lr_scheduler_type", "linear", "--max_steps", "800"],
     "tag_mix": ["--tag_weights", "single_object=99,two_object=198,counting=24,colors=22,position=2,color_attr=14"],
     "inner8": ["--steps_per_generation", "8", "--per_device_train_batch_size", "16"],
+    # smaller NFT guidance strength: faster, then diverges after ~300 steps on the shipped base (docs/shapes_world.md)
     "beta0.1": ["--nft_beta", "0.1"],
+    "beta0.3": ["--nft_beta", "0.3"],
+    "beta0.1_lr_decay": ["--nft_beta", "0.1", "--lr_scheduler_type", "linear", "--max_steps", "420"],
 }
 
 
