@@ -14,8 +14,9 @@ the same weights):
    pretrained by rectified flow with caption dropout, so the empty prompt is a meaningful unconditional branch for
    CFG; the EMA weights are saved. With frozen text encoders the prompt embeddings are encoded once instead.
 
-The learning rate is constant after warm-up and no random stream depends on the total step count, so the checkpoint a
-run saves at step N is exactly what a run with `--transformer-steps N` produces.
+The learning rate is constant after warm-up (unless `--lr-decay-steps` cools it down at the end) and no random stream
+depends on the total step count, so the checkpoint a constant-rate run saves at step N is exactly what a run with
+`--transformer-steps N` produces. `--init-from DIR` continues an existing base as a second stage.
 """
 
 from __future__ import annotations
