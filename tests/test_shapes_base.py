@@ -197,3 +197,5 @@ def test_pretrain_learning_rate_schedule():
     assert [learning_rate_factor(s, constant) for s in range(10)] == [0.5] + [1.0] * 9
     decayed = PretrainConfig(transformer_steps=10, warmup_steps=2, lr_decay_steps=4)
     assert [learning_rate_factor(s, decayed) for s in range(10)] == [0.5] + [1.0] * 6 + [0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="lr_decay_steps=11 must lie in"):
+        PretrainConfig(transformer_steps=10, lr_decay_steps=11)

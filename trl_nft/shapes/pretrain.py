@@ -86,6 +86,13 @@ class PretrainConfig:
     checkpoint_dir: str | None = None
     log_every: int = 50
 
+    def __post_init__(self):
+        if not 0 <= self.lr_decay_steps <= self.transformer_steps:
+            raise ValueError(
+                f"lr_decay_steps={self.lr_decay_steps} must lie in [0, transformer_steps={self.transformer_steps}]: "
+                "0 keeps the learning rate constant, N decays it to zero over the last N steps."
+            )
+
 
 def _to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
