@@ -40,6 +40,15 @@ RECIPES: dict[str, list[str]] = {
     "beta0.1": ["--nft_beta", "0.1"],
     "beta0.3": ["--nft_beta", "0.3"],
     "beta0.1_lr_decay": ["--nft_beta", "0.1", "--lr_scheduler_type", "linear", "--max_steps", "420"],
+    # the official OCR old-policy schedule (eta = 0 for 75 steps, then 0.0075 per step up to 0.999): the old policy
+    # freezes by step ~210 and the run stalls at 0.56-0.59
+    "beta0.1_ocr_decay": ["--nft_beta", "0.1", "--old_policy_decay_delay", "75", "--old_policy_decay_rate", "0.0075",
+                          "--old_policy_decay_max", "0.999"],
+    # a slower old (sampling) policy as a trust region: eta = min(0.003 step, 0.9) keeps beta=0.3 from diverging
+    "beta0.3_old_policy_0.9": ["--nft_beta", "0.3", "--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"],
+    "beta0.1_old_policy_0.9": ["--nft_beta", "0.1", "--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"],
+    # CFG 3 in the rollouts (the paper samples CFG-free): slower per step
+    "cfg3_rollouts": ["--guidance_scale", "3"],
 }
 
 

@@ -69,6 +69,21 @@ def test_eval_cli_prints_table_and_writes_json(tmp_path):
     assert runs[0].stdout == runs[1].stdout  # same numbers on every run
     data = json.loads(out.read_text())
     assert data["n"] == 18 and len(data["per_item"]) == 18 and "overall" in data["table"]
+    assert data["args"]["split"] == "heldout"
+
+
+def test_eval_cli_train_split_and_bad_split(tmp_path):
+    from trl_nft.cli import EvalArguments
+    from trl_nft.shapes import train_prompts
+
+    out = tmp_path / "train.json"
+    args = [*_cli(), "eval", "--split", "train", "--heldout_per_tag", "2", "--output_json", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train = {s.prompt for s in train_prompts()}
+    assert all(item["prompt"] in train for item in json.loads(out.read_text())["per_item"])
+    with pytest.raises(ValueError, match="split must be 'heldout' or 'train'"):
+        EvalArguments(split="test")
 
 
 def test_simple_reward_rises_with_a_fixed_seed(base_pipe, tmp_path):

@@ -29,6 +29,7 @@ from trl_nft.shapes import (
     score,
     shapes_reward,
     shapes_strict_reward,
+    train_items,
     train_prompts,
     world,
 )
@@ -96,6 +97,16 @@ def test_heldout_items_balanced_and_stable():
     )
     assert heldout_items(seed=1) != items
     assert Counter(spec.tag for spec, _ in heldout_items(n_per_tag=5)) == {tag: 5 for tag in TAGS}
+
+
+def test_train_items_come_from_training_prompts_only():
+    items = train_items()
+    assert items == train_items()
+    assert Counter(spec.tag for spec, _ in items) == {tag: 72 for tag in TAGS}
+    train = {s.prompt for s in train_prompts()}
+    assert all(spec.prompt in train for spec, _ in items)
+    assert not {s.prompt for s, _ in items} & {s.prompt for s in heldout_prompts()}
+    assert {seed for _, seed in items}.isdisjoint({seed for _, seed in heldout_items()})
 
 
 def test_vocabulary_and_parse_roundtrip():

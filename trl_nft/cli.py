@@ -125,22 +125,34 @@ class EvalArguments:
     lora: str | None = field(default=None, metadata={"help": "Directory of a LoRA to load with load_lora_weights."})
     num_inference_steps: int = field(default=10, metadata={"help": "Solver steps."})
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale (1.0: CFG-free)."})
-    heldout_per_tag: int = field(
-        default=72, metadata={"help": "Held-out items per tag family (fixed prompts, seeds)."}
+    heldout_per_tag: int = field(default=72, metadata={"help": "Items per tag family (fixed prompts, seeds)."})
+    split: str = field(
+        default="heldout",
+        metadata={
+            "help": "'heldout': the unseen prompts (the benchmark); 'train': the same number of items drawn from the "
+            "training prompts, to tell what RL taught from what carried over to unseen compositions."
+        },
     )
     output_json: str | None = field(default=None, metadata={"help": "Also write the table and per-item results here."})
 
+    def __post_init__(self):
+        if self.split not in ("heldout", "train"):
+            raise ValueError(
+                f"split must be 'heldout' or 'train' (got {self.split!r}); pass --split heldout or train."
+            )
+
 
 def evaluate(eval_args: EvalArguments) -> dict:
-    from .shapes import format_table, heldout_items
+    from .shapes import format_table, heldout_items, train_items
     from .shapes.evaluate import evaluate_pipeline
 
+    splits = {"heldout": heldout_items, "train": train_items}
     pipe = load_model(eval_args.model_name_or_path)
     if eval_args.lora:
         pipe.load_lora_weights(eval_args.lora)
     result = evaluate_pipeline(
         pipe,
-        heldout_items(n_per_tag=eval_args.heldout_per_tag),
+        splits[eval_args.split](n_per_tag=eval_args.heldout_per_tag),
         num_inference_steps=eval_args.num_inference_steps,
         guidance_scale=eval_args.guidance_scale,
     )

@@ -36,6 +36,7 @@ from .world import (
     render,
     sample_training_batch,
     shape_mask,
+    train_items,
     train_prompts,
 )
 
@@ -70,5 +71,6 @@ __all__ = [
     "shape_mask",
     "shapes_reward",
     "shapes_strict_reward",
+    "train_items",
     "train_prompts",
 ]

@@ -202,11 +202,24 @@ def heldout_items(n_per_tag: int = 72, seed: int = 1234) -> list[tuple[PromptSpe
     A family with fewer held-out prompts than `n_per_tag` is cycled; one with more is subsampled. Order and seeds come
     from SHA-256 digests of `seed`, so the list is identical everywhere.
     """
+    return _items("heldout", n_per_tag, seed)
+
+
+def train_items(n_per_tag: int = 72, seed: int = 1234) -> list[tuple[PromptSpec, int]]:
+    """The same kind of fixed, tag-balanced list as `heldout_items`, drawn from the training prompts.
+
+    Comparing a model on both lists separates what RL taught on the prompts it trained on from what carried over to
+    unseen compositions (`trl-nft eval --split train`).
+    """
+    return _items("train", n_per_tag, seed)
+
+
+def _items(split: Literal["train", "heldout"], n_per_tag: int, seed: int) -> list[tuple[PromptSpec, int]]:
     items: list[tuple[PromptSpec, int]] = []
-    for tag, specs in _split_table()["heldout"].items():
-        ordered = sorted(specs, key=lambda s: _digest("heldout_items", seed, tag, s.prompt))
+    for tag, specs in _split_table()[split].items():
+        ordered = sorted(specs, key=lambda s: _digest(f"{split}_items", seed, tag, s.prompt))
         for i in range(n_per_tag):
-            image_seed = int.from_bytes(_digest("heldout_seed", seed, tag, i)[:4], "big")
+            image_seed = int.from_bytes(_digest(f"{split}_seed", seed, tag, i)[:4], "big")
             items.append((ordered[i % len(ordered)], image_seed))
     return items
 
