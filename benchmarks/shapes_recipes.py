@@ -47,6 +47,11 @@ RECIPES: dict[str, list[str]] = {
     # a slower old (sampling) policy as a trust region: eta = min(0.003 step, 0.9) keeps beta=0.3 from diverging
     "beta0.3_old_policy_0.9": ["--nft_beta", "0.3", "--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"],
     "beta0.1_old_policy_0.9": ["--nft_beta", "0.1", "--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"],
+    # the same trust region with 64-sample optimizer batches (256 rollouts per batch), or all ten rollout times trained
+    "beta0.3_old_policy_0.9_batch64": ["--nft_beta", "0.3", "--old_policy_decay_rate", "0.003",
+                                       "--old_policy_decay_max", "0.9", "--per_device_train_batch_size", "64"],
+    "beta0.3_old_policy_0.9_all_times": ["--nft_beta", "0.3", "--old_policy_decay_rate", "0.003",
+                                         "--old_policy_decay_max", "0.9", "--timestep_fraction", "0.99"],
     # CFG 3 in the rollouts (the paper samples CFG-free): slower per step
     "cfg3_rollouts": ["--guidance_scale", "3"],
 }
