@@ -19,6 +19,8 @@ import sys
 
 
 _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# a slower old (sampling) policy as a trust region for small beta: eta = min(0.003 step, 0.9)
+_OLD_POLICY_0_9 = ["--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"]
 
 RECIPES: dict[str, list[str]] = {
     # the shipped demo recipe: LoRA r64 on every linear layer, lr 2e-4, bf16 autocast
@@ -44,14 +46,12 @@ RECIPES: dict[str, list[str]] = {
     # freezes by step ~210 and the run stalls at 0.56-0.59
     "beta0.1_ocr_decay": ["--nft_beta", "0.1", "--old_policy_decay_delay", "75", "--old_policy_decay_rate", "0.0075",
                           "--old_policy_decay_max", "0.999"],
-    # a slower old (sampling) policy as a trust region: eta = min(0.003 step, 0.9) keeps beta=0.3 from diverging
-    "beta0.3_old_policy_0.9": ["--nft_beta", "0.3", "--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"],
-    "beta0.1_old_policy_0.9": ["--nft_beta", "0.1", "--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"],
-    # the same trust region with 64-sample optimizer batches (256 rollouts per batch), or all ten rollout times trained
-    "beta0.3_old_policy_0.9_batch64": ["--nft_beta", "0.3", "--old_policy_decay_rate", "0.003",
-                                       "--old_policy_decay_max", "0.9", "--per_device_train_batch_size", "64"],
-    "beta0.3_old_policy_0.9_all_times": ["--nft_beta", "0.3", "--old_policy_decay_rate", "0.003",
-                                         "--old_policy_decay_max", "0.9", "--timestep_fraction", "0.99"],
+    # the trust region keeps beta=0.3 and beta=0.1 from diverging (docs/shapes_world.md, runs ah-aq)
+    "beta0.3_old_policy_0.9": ["--nft_beta", "0.3", *_OLD_POLICY_0_9],
+    "beta0.1_old_policy_0.9": ["--nft_beta", "0.1", *_OLD_POLICY_0_9],
+    # the same with 64-sample optimizer batches (256 rollouts per batch), or with all ten rollout times trained
+    "beta0.3_old_policy_0.9_batch64": ["--nft_beta", "0.3", *_OLD_POLICY_0_9, "--per_device_train_batch_size", "64"],
+    "beta0.3_old_policy_0.9_all_times": ["--nft_beta", "0.3", *_OLD_POLICY_0_9, "--timestep_fraction", "0.99"],
     # CFG 3 in the rollouts (the paper samples CFG-free): slower per step
     "cfg3_rollouts": ["--guidance_scale", "3"],
 }

@@ -146,13 +146,12 @@ def evaluate(eval_args: EvalArguments) -> dict:
     from .shapes import format_table, heldout_items, train_items
     from .shapes.evaluate import evaluate_pipeline
 
-    splits = {"heldout": heldout_items, "train": train_items}
     pipe = load_model(eval_args.model_name_or_path)
     if eval_args.lora:
         pipe.load_lora_weights(eval_args.lora)
     result = evaluate_pipeline(
         pipe,
-        splits[eval_args.split](n_per_tag=eval_args.heldout_per_tag),
+        (train_items if eval_args.split == "train" else heldout_items)(n_per_tag=eval_args.heldout_per_tag),
         num_inference_steps=eval_args.num_inference_steps,
         guidance_scale=eval_args.guidance_scale,
     )
