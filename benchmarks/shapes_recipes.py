@@ -1,7 +1,7 @@
 """Compare DiffusionNFT recipes on the shapes world: held-out accuracy against wall-clock, one run after another.
 
     python benchmarks/shapes_recipes.py --minutes 15 --out runs/recipes            # every recipe below
-    python benchmarks/shapes_recipes.py --only demo lr1e-3 --minutes 8
+    python benchmarks/shapes_recipes.py --only demo beta0.3 --minutes 8
     python benchmarks/shapes_recipes.py --only demo --seeds 0 1 2 3               # seed repeats: demo_seed0, ...
     python benchmarks/shapes_recipes.py --summarise runs/recipes                  # table + plot of finished runs
 
@@ -26,7 +26,7 @@ import sys
 _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 # a slower old (sampling) policy as a trust region for small beta: eta = min(0.003 step, 0.9)
 _OLD_POLICY_0_9 = ["--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"]
-# The demo recipe before runs ap-au: the paper's beta=1 and old-policy schedule min(0.001 step, 0.5), optimizer batches
+# The demo recipe before runs ap-aw: the paper's beta=1 and old-policy schedule min(0.001 step, 0.5), optimizer batches
 # of 32. Every recipe measured against it (docs/shapes_world.md, runs a-ao) starts from these flags, so that its
 # numbers do not move when the shipped config does; a recipe's own flags come after and override them.
 _BETA1_DEMO = ["--nft_beta", "1.0", "--old_policy_decay_rate", "0.001", "--old_policy_decay_max", "0.5",
