@@ -73,12 +73,15 @@ RECIPES: dict[str, list[str]] = {
 
 
 def read_runs(root: str) -> dict[str, list[dict]]:
+    """The held-out evaluation records of each run under `root` (runs with none are left out)."""
     runs = {}
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "metrics.jsonl")
         if os.path.isfile(path):
             with open(path) as f:
-                runs[name] = [json.loads(line) for line in f if line.strip()]
+                held = [r for r in map(json.loads, filter(str.strip, f)) if r["type"] == "heldout"]
+            if held:
+                runs[name] = held
     return runs
 
 
@@ -97,10 +100,7 @@ def summarise(root: str, x: str = "minutes") -> str:
     marks, unit = ((2, 5, 10, 15), "min") if x == "minutes" else ((100, 200, 300, 400, 500), "steps")
     header = f"| recipe | base | {' | '.join(f'@{m} {unit}' for m in marks)} | best (min) | final (min, steps) | gain |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for name, records in runs.items():
-        held = [r for r in records if r["type"] == "heldout"]
-        if not held:
-            continue
+    for name, held in runs.items():
         base, last = held[0]["overall"], held[-1]
         best = max(held, key=lambda r: r["overall"])
         cells = [at_mark(held, m, x) for m in marks]
@@ -118,10 +118,9 @@ def summarise(root: str, x: str = "minutes") -> str:
 def seed_summary(runs: dict[str, list[dict]]) -> str:
     """Per recipe, the final held-out accuracy and gain over its `<recipe>_seed<N>` runs (empty if none)."""
     finals: dict[str, list[tuple[float, float]]] = {}
-    for name, records in runs.items():
+    for name, held in runs.items():
         match = re.fullmatch(r"(.+)_seed(\d+)", name)
-        held = [r for r in records if r["type"] == "heldout"]
-        if match and held:
+        if match:
             finals.setdefault(match.group(1), []).append((held[-1]["overall"], held[-1]["overall"] - held[0]["overall"]))
     if not finals:
         return ""
@@ -142,8 +141,7 @@ def plot(runs: dict[str, list[dict]], out: str, x: str = "minutes") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, records in runs.items():
-        held = [r for r in records if r["type"] == "heldout"]
+    for name, held in runs.items():
         ax.plot([r[x] for r in held], [r["overall"] for r in held], "o-", ms=3, label=name)
     ax.set_xlabel("wall-clock minutes (2 CPU cores, evaluations included)" if x == "minutes" else "optimizer step")
     ax.set_ylabel("held-out overall strict accuracy (432 items)")
