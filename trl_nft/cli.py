@@ -24,7 +24,7 @@ class NFTScriptArguments:
         default=None,
         metadata={
             "help": "Base pipeline: a local directory or Hub id loaded with DiffusionPipeline.from_pretrained, or "
-            "'shapes-base' for the tiny pipeline shipped with trl_nft."
+            "'shapes-base' ('shapes-sd3') or 'shapes-unet' for the tiny pipelines shipped with trl_nft."
         },
     )
     reward_funcs: list[str] = field(
@@ -75,7 +75,7 @@ def load_prompts(name: str, split: str, config: str | None = None, heldout: bool
 def load_model(name_or_path: str):
     from .adapters import load_pipeline
 
-    if name_or_path == "shapes-base":
+    if name_or_path in ("shapes-base", "shapes-sd3", "shapes-unet"):
         from .shapes.pretrain import load_base_pipeline
 
         return load_base_pipeline(name_or_path)
@@ -120,7 +120,11 @@ class EvalArguments:
     """`trl-nft eval`: GenEval-style held-out evaluation on the shapes world."""
 
     model_name_or_path: str = field(
-        default="shapes-base", metadata={"help": "Pipeline to evaluate: 'shapes-base' (shipped) or a local path."}
+        default="shapes-base",
+        metadata={
+            "help": "Pipeline to evaluate: 'shapes-base' / 'shapes-sd3' (the shipped SD3 base), 'shapes-unet' (the "
+            "shipped SD1.x-family UNet base) or a local path."
+        },
     )
     lora: str | None = field(default=None, metadata={"help": "Directory of a LoRA to load with load_lora_weights."})
     num_inference_steps: int = field(default=10, metadata={"help": "Solver steps."})
