@@ -34,8 +34,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import core
-from .families import get_adapter, load_pipeline, null_components
 from .config import DiffusionNFTConfig, import_from_string
+from .families import get_adapter, load_pipeline, null_components
 from .model_card import write_model_card
 from .rewards import resolve_reward, reward_name
 
