@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -160,6 +161,13 @@ class DiffusionNFTTrainer(Trainer):
             raise ValueError(
                 f"resolution {self.resolution} is not a multiple of {multiple} (the VAE scale factor x patch size of "
                 f"this {type(pipeline).__name__}). Use e.g. resolution={max(multiple, self.resolution // multiple * multiple)}."
+            )
+        if args.eval_guidance_scale is not None and args.eval_guidance_scale != args.guidance_scale:
+            warnings.warn(
+                f"Rollouts use guidance_scale={args.guidance_scale} but evaluation uses eval_guidance_scale="
+                f"{args.eval_guidance_scale}: evaluation then samples another policy than the one trained on (see "
+                "docs/families.md, 'Guidance'). Leave eval_guidance_scale unset to evaluate what rollouts sample.",
+                stacklevel=2,
             )
         self.num_generations = args.num_generations
         self.num_iterations = args.num_iterations
