@@ -472,7 +472,7 @@ def load_base_pipeline(path: str = "shapes-base", **kwargs):
     `trl_nft/shapes/base`), `"shapes-unet"` / `"unet"` (the `StableDiffusionPipeline` shipped in
     `trl_nft/shapes/base_unet`) or a directory written by this script. Sample the SD3 base with
     `max_sequence_length=MAX_SEQUENCE_LENGTH` (`StableDiffusionPipeline` takes no such argument)."""
-    from ..adapters import load_pipeline
+    from ..families import load_pipeline
 
     path = resolve_base_path(path)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
