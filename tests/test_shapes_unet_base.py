@@ -136,3 +136,16 @@ def test_pretrain_family_sd_is_deterministic_and_starts_from_the_sd3_base(tmp_pa
     assert os.path.isfile(os.path.join(BASE_DIR, "model_index.json"))
     with pytest.raises(ValueError, match="family='sdxl' is not one of"):
         PretrainConfig(family="sdxl")
+
+
+def test_demo_picks_the_unet_recipe_by_base_name():
+    import yaml
+
+    from trl_nft.shapes.demo import DEMO_CONFIG, DEMO_CONFIG_UNET, demo_config_for
+
+    assert demo_config_for(["--base_model", "shapes-unet"]) == DEMO_CONFIG_UNET
+    assert demo_config_for(["--model_name_or_path=shapes-unet", "--max_minutes", "1"]) == DEMO_CONFIG_UNET
+    assert demo_config_for(["--base_model", "shapes-base"]) == demo_config_for([]) == DEMO_CONFIG
+    with open(DEMO_CONFIG_UNET) as f:
+        recipe = yaml.safe_load(f)
+    assert recipe["base_model"] == "shapes-unet" and "conv1" in recipe["lora_target_modules"]

@@ -204,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         from trl import TrlParser
 
         from .config import DiffusionNFTConfig
-        from .shapes.demo import DEMO_CONFIG, DemoArguments, run_demo
+        from .shapes.demo import DemoArguments, demo_config_for, run_demo
 
         parser = TrlParser((DemoArguments, DiffusionNFTConfig), prog="trl-nft demo")
-        with open(DEMO_CONFIG) as f:
+        with open(demo_config_for(rest)) as f:
             parser.set_defaults_with_config(**yaml.safe_load(f))
         demo_args, training_args = parser.parse_args_and_config(rest)
         run_demo(demo_args, training_args)
