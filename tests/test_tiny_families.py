@@ -5,7 +5,7 @@ import torch
 from tiny_families import FAMILIES, SCHEDULERS, build_tiny_pipeline
 
 
-PROMPTS = ["a red circle", "two blue squares"]
+PROMPTS = ("a red circle", "two blue squares")
 CASES = [(family, scheduler) for family, spec in FAMILIES.items() for scheduler in spec.schedulers]
 
 
@@ -17,7 +17,7 @@ def _sample(pipe, spec, prompts, seed=0, **kwargs):
         return callback_kwargs
 
     images = pipe(
-        prompt=prompts,
+        prompt=list(prompts),  # ZImagePipeline rewrites the caller's prompt list in place (chat template)
         num_inference_steps=2,
         guidance_scale=1.0,
         height=spec.size,

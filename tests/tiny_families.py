@@ -612,10 +612,8 @@ def _build_sd(prediction_type: str):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     tokenizer = _clip_tokenizer()
+    # SD 1.x (epsilon) and SD 2.x (v-prediction) share the scaled-linear DDPM schedule; only the prediction differs.
     scheduler = DDIMScheduler.from_config(_ddpm_scheduler_config(prediction_type=prediction_type))
-    if prediction_type == "v_prediction":
-        # SD 2.x's scheduler config: v-prediction with zero-terminal-SNR-free scaled-linear betas, trailing spacing off.
-        scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing="leading")
     return StableDiffusionPipeline(
         vae=_vae_kl(blocks=2, channels=8),
         text_encoder=_clip(tokenizer),
@@ -994,6 +992,57 @@ def _build_krea2():
     )
 
 
+def _build_ernie_image():
+    from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import Mistral3Config, Mistral3Model
+
+    tokenizer = build_tokenizer(512, add_bos=True)
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "max_position_embeddings": 512,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+            "image_size": 30,
+            "patch_size": 6,
+        },
+        image_token_index=len(tokenizer) - 1,
+    )
+    transformer = ErnieImageTransformer2DModel(
+        hidden_size=32,
+        num_attention_heads=2,
+        num_layers=1,
+        ffn_hidden_size=32,
+        in_channels=4,
+        out_channels=4,
+        text_in_dim=16,
+        rope_axes_dim=(4, 6, 6),
+    ).eval()
+    # No prompt-enhancer (`pe`) model: the pipeline then uses the prompt as given.
+    return ErnieImagePipeline(
+        transformer=transformer,
+        vae=_flux2_vae(),
+        text_encoder=Mistral3Model(config).eval(),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -1058,6 +1107,7 @@ FAMILIES: dict[str, FamilySpec] = {
         ATTN_ADDED,
         lambda: _build_flux(guidance_embeds=False),
         {"max_sequence_length": 8},
+        "packed 2x2 latents (B, HW/4, 4C) with img_ids/txt_ids; transformer timestep = t / 1000",
     ),
     "flux2": FamilySpec(
         "Flux2Pipeline",
@@ -1067,6 +1117,7 @@ FAMILIES: dict[str, FamilySpec] = {
         (*ATTN_ADDED, "to_qkv_mlp_proj"),
         _build_flux2,
         {"max_sequence_length": 40},
+        "packed latents with 4-axis ids; timestep = t / 1000; text = 3 stacked Mistral3 hidden layers",
     ),
     "flux2-klein": FamilySpec(
         "Flux2KleinPipeline",
@@ -1076,6 +1127,7 @@ FAMILIES: dict[str, FamilySpec] = {
         (*ATTN_ADDED, "to_qkv_mlp_proj"),
         _build_flux2_klein,
         {"max_sequence_length": 16},
+        "as flux2, Qwen3 text layers 9/18/27; no guidance embedding",
     ),
     "sana": FamilySpec(
         "SanaPipeline",
@@ -1085,6 +1137,7 @@ FAMILIES: dict[str, FamilySpec] = {
         ATTN,
         _build_sana,
         {"max_sequence_length": 8, "use_resolution_binning": False},
+        "transformer timestep = t * timestep_scale; Gemma2 prompt with the complex human instruction prefix",
     ),
     "sd15": FamilySpec(
         "StableDiffusionPipeline",
@@ -1093,6 +1146,8 @@ FAMILIES: dict[str, FamilySpec] = {
         16,
         ATTN,
         lambda: _build_sd("epsilon"),
+        {},
+        "epsilon prediction; integer DDPM timesteps",
     ),
     "sd2": FamilySpec(
         "StableDiffusionPipeline",
@@ -1101,6 +1156,8 @@ FAMILIES: dict[str, FamilySpec] = {
         16,
         ATTN,
         lambda: _build_sd("v_prediction"),
+        {},
+        "v-prediction (scheduler prediction_type)",
     ),
     "sdxl": FamilySpec(
         "StableDiffusionXLPipeline",
@@ -1109,6 +1166,8 @@ FAMILIES: dict[str, FamilySpec] = {
         16,
         ATTN,
         _build_sdxl,
+        {},
+        "added_cond_kwargs: text_embeds (pooled) + time_ids (original/crop/target size)",
     ),
     "lumina2": FamilySpec(
         "Lumina2Pipeline",
@@ -1148,7 +1207,8 @@ FAMILIES: dict[str, FamilySpec] = {
         ("to_q", "to_k", "to_v", "to_out.0"),
         _build_zimage,
         {"max_sequence_length": 16},
-        "denoiser takes lists of per-image 4-D latents and caption features, timestep (1000 - t)/1000, output negated",
+        "denoiser takes lists of per-image (C, 1, H, W) latents and of unpadded caption features, timestep "
+        "(1000 - t) / 1000, output negated; the pipeline rewrites the caller's prompt list in place (pass a copy)",
     ),
     "chroma": FamilySpec(
         "ChromaPipeline",
@@ -1158,6 +1218,7 @@ FAMILIES: dict[str, FamilySpec] = {
         ATTN_ADDED,
         _build_chroma,
         {"max_sequence_length": 8},
+        "packed latents like FLUX; timestep = t / 1000; T5 attention mask passed to the transformer",
     ),
     "auraflow": FamilySpec(
         "AuraFlowPipeline",
@@ -1167,6 +1228,7 @@ FAMILIES: dict[str, FamilySpec] = {
         ATTN_ADDED,
         _build_auraflow,
         {"max_sequence_length": 8},
+        "timestep = t / 1000; modulation layers widened at init (see _build_auraflow)",
     ),
     "hidream": FamilySpec(
         "HiDreamImagePipeline",
@@ -1176,6 +1238,7 @@ FAMILIES: dict[str, FamilySpec] = {
         ("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"),
         _build_hidream,
         {"max_sequence_length": 8},
+        "kwarg `timesteps` (plural), output negated; four text encoders (2 CLIP, T5, Llama layers)",
     ),
     "lcm": FamilySpec(
         "LatentConsistencyModelPipeline",
@@ -1205,6 +1268,17 @@ FAMILIES: dict[str, FamilySpec] = {
         ("to_q", "to_k", "to_v", "to_out.0"),
         _build_krea2,
         {"max_sequence_length": 8},
+        "timestep = t / num_train_timesteps; Qwen3-VL text layers stacked (text_encoder_select_layers)",
+    ),
+    "ernie-image": FamilySpec(
+        "ErnieImagePipeline",
+        "ErnieImageTransformer2DModel",
+        ("flow-euler", "flow-unipc", "flow-dpm++"),
+        16,
+        ATTN,
+        _build_ernie_image,
+        {"use_pe": False},
+        "Flux2 VAE latents patchified 2x2 into channels; per-prompt unpadded Mistral3 hidden states (list)",
     ),
 }
 
