@@ -1033,6 +1033,12 @@ def _build_ernie_image():
         text_in_dim=16,
         rope_axes_dim=(4, 6, 6),
     ).eval()
+    # The shared adaLN modulation and the final projection are zero-initialised (DiT style): the output would be 0,
+    # independent of prompt and LoRA, and no gradient would reach a LoRA. Random small weights make both matter.
+    with torch.no_grad():
+        for module in (transformer.adaLN_modulation[1], transformer.final_linear):
+            torch.nn.init.normal_(module.weight, std=0.2)
+            torch.nn.init.normal_(module.bias, std=0.2)
     # No prompt-enhancer (`pe`) model: the pipeline then uses the prompt as given.
     return ErnieImagePipeline(
         transformer=transformer,
@@ -1273,12 +1279,13 @@ FAMILIES: dict[str, FamilySpec] = {
     "ernie-image": FamilySpec(
         "ErnieImagePipeline",
         "ErnieImageTransformer2DModel",
-        ("flow-euler", "flow-unipc", "flow-dpm++"),
+        ("flow-euler", "flow-lcm"),
         16,
         ATTN,
         _build_ernie_image,
         {"use_pe": False},
-        "Flux2 VAE latents patchified 2x2 into channels; per-prompt unpadded Mistral3 hidden states (list)",
+        "Flux2 VAE latents patchified 2x2 into channels; per-prompt unpadded Mistral3 hidden states (list); "
+        "passes custom sigmas (Heun / UniPC / DPM-Solver refuse them)",
     ),
 }
 
