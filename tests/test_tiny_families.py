@@ -16,17 +16,17 @@ def _sample(pipe, spec, prompts, seed=0, **kwargs):
         final["latents"] = callback_kwargs["latents"]
         return callback_kwargs
 
+    call_kwargs = {"guidance_scale": 1.0, **spec.call_kwargs, **kwargs}
     images = pipe(
         prompt=list(prompts),  # ZImagePipeline rewrites the caller's prompt list in place (chat template)
         num_inference_steps=2,
-        guidance_scale=1.0,
         height=spec.size,
         width=spec.size,
         output_type="pt",
         generator=torch.Generator().manual_seed(seed),
         callback_on_step_end=keep_latents,
         callback_on_step_end_tensor_inputs=["latents"],
-        **{**spec.call_kwargs, **kwargs},
+        **call_kwargs,
     ).images
     return images, final.get("latents")
 
@@ -47,7 +47,15 @@ def test_family_samples(family, scheduler):
     assert type(getattr(pipe, spec.denoiser_attr)).__name__ == spec.denoiser_class
     expected = type(SCHEDULERS[scheduler](pipe.scheduler.config))
     assert type(pipe.scheduler) is expected
+    batches = []
+
+    def record_batch(module, args, kwargs):
+        x = args[0] if args else next(kwargs[k] for k in ("hidden_states", "sample", "x") if k in kwargs)
+        batches.append(len(x))
+
+    getattr(pipe, spec.denoiser_attr).register_forward_pre_hook(record_batch, with_kwargs=True)
     images, latents = _sample(pipe, spec, PROMPTS)
+    assert batches and set(batches) == {2}, batches  # CFG-free: one denoiser row per image
     assert images.shape == (2, 3, spec.size, spec.size)
     assert torch.isfinite(images).all()
     assert images.min() >= 0 and images.max() <= 1

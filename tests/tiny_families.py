@@ -1065,7 +1065,8 @@ class FamilySpec:
         denoiser_class (`str`): the class of `pipe.transformer` / `pipe.unet`.
         schedulers (`tuple[str, ...]`): keys of `SCHEDULERS` known to sample with it; the first is its default.
         size (`int`): the default (smallest working) image side in pixels.
-        call_kwargs (`Mapping[str, Any]`): extra `__call__` kwargs a quick sample needs (besides height/width).
+        call_kwargs (`Mapping[str, Any]`): `__call__` kwargs a quick CFG-free sample needs besides height/width; they
+            override `guidance_scale=1.0` (Z-Image and Krea 2 are CFG-free at `guidance_scale=0`).
         lora_targets (`tuple[str, ...]`): attention Linear name suffixes of the denoiser, for peft `target_modules`.
         builder (`Callable[[], DiffusionPipeline]`): builds the pipeline (weights seeded by the caller).
         notes (`str`): the denoiser call convention where it is unusual.
@@ -1212,8 +1213,8 @@ FAMILIES: dict[str, FamilySpec] = {
         16,
         ("to_q", "to_k", "to_v", "to_out.0"),
         _build_zimage,
-        {"max_sequence_length": 16},
-        "denoiser takes lists of per-image (C, 1, H, W) latents and of unpadded caption features, timestep "
+        {"max_sequence_length": 16, "guidance_scale": 0.0},
+        "CFG-free is guidance_scale=0 (pred = pos + s * (pos - neg)); denoiser takes lists of per-image (C, 1, H, W) latents and of unpadded caption features, timestep "
         "(1000 - t) / 1000, output negated; the pipeline rewrites the caller's prompt list in place (pass a copy)",
     ),
     "chroma": FamilySpec(
@@ -1273,8 +1274,8 @@ FAMILIES: dict[str, FamilySpec] = {
         32,
         ("to_q", "to_k", "to_v", "to_out.0"),
         _build_krea2,
-        {"max_sequence_length": 8},
-        "timestep = t / num_train_timesteps; Qwen3-VL text layers stacked (text_encoder_select_layers)",
+        {"max_sequence_length": 8, "guidance_scale": 0.0},
+        "CFG-free is guidance_scale=0 (pred = pos + s * (pos - neg)); timestep = t / num_train_timesteps; Qwen3-VL text layers stacked (text_encoder_select_layers)",
     ),
     "ernie-image": FamilySpec(
         "ErnieImagePipeline",
