@@ -37,6 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import core
 from .config import DiffusionNFTConfig, import_from_string
 from .families import get_adapter, load_pipeline, null_components
+from .families.adapter import eval_mode
 from .model_card import write_model_card
 from .rewards import resolve_reward, reward_name
 
@@ -318,7 +319,7 @@ class DiffusionNFTTrainer(Trainer):
     def evaluation_weights(self):
         """The weights that evaluations and saved adapters use: the trained policy, or its EMA when `eval_ema_decay`
         is set. Yields the pipeline; callers that sample outside `evaluate` (the shapes demo) use this too."""
-        with self._policy("default"), self._ema_weights():
+        with self._policy("default") as denoiser, self._ema_weights(), eval_mode(denoiser):
             yield self.pipeline
 
     def _after_optimizer_step(self):
