@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from tiny_families import FAMILIES, SCHEDULERS, build_tiny_pipeline
+from tiny_families import EXTRA_FAMILIES, FAMILIES, SCHEDULERS, build_tiny_pipeline
 
 
 PROMPTS = ("a red circle", "two blue squares")
-CASES = [(family, scheduler) for family, spec in FAMILIES.items() for scheduler in spec.schedulers]
+ALL = {**FAMILIES, **EXTRA_FAMILIES}
+CASES = [(family, scheduler) for family, spec in ALL.items() for scheduler in spec.schedulers]
 
 
 def _sample(pipe, spec, prompts, seed=0, **kwargs):
@@ -32,7 +33,8 @@ def _sample(pipe, spec, prompts, seed=0, **kwargs):
 
 
 def test_families_are_declared_consistently():
-    for family, spec in FAMILIES.items():
+    assert not set(FAMILIES) & set(EXTRA_FAMILIES)
+    for family, spec in ALL.items():
         assert spec.schedulers and set(spec.schedulers) <= set(SCHEDULERS), family
         assert spec.lora_targets, family
     multi = [f for f, spec in FAMILIES.items() if len(spec.schedulers) >= 2]
@@ -41,7 +43,7 @@ def test_families_are_declared_consistently():
 
 @pytest.mark.parametrize(("family", "scheduler"), CASES, ids=[f"{f}-{s}" for f, s in CASES])
 def test_family_samples(family, scheduler):
-    spec = FAMILIES[family]
+    spec = ALL[family]
     pipe = build_tiny_pipeline(family, scheduler)
     assert type(pipe).__name__ == spec.pipeline_class
     assert type(getattr(pipe, spec.denoiser_attr)).__name__ == spec.denoiser_class
@@ -63,12 +65,12 @@ def test_family_samples(family, scheduler):
     assert latents is not None and latents.shape[0] == 2 and torch.isfinite(latents).all()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(ALL))
 def test_family_prompt_and_lora_reach_the_image(family):
     """Each LoRA target names a Linear of the denoiser, and both the prompt and a (random) LoRA change the image."""
     from peft import LoraConfig
 
-    spec = FAMILIES[family]
+    spec = ALL[family]
     pipe = build_tiny_pipeline(family)
     denoiser = getattr(pipe, spec.denoiser_attr)
     linears = [name for name, module in denoiser.named_modules() if isinstance(module, torch.nn.Linear)]
