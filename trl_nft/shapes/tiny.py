@@ -2,7 +2,7 @@
 download.
 
 Used by the test-suite and as the architectures of the shipped shapes-world bases (`build_tiny_sd3_pipeline`:
-`trl_nft/shapes/base`; `build_tiny_sd_pipeline`: `trl_nft/shapes/base_unet`). For SD3: Every part is a real diffusers
+`trl_nft/shapes/base`; `build_tiny_sd_pipeline`: `trl_nft/shapes/base_unet`). For SD3, every part is a real diffusers
 or transformers class (VAE, two CLIP text encoders with word-level tokenizers, SD3 transformer, flow-matching
 scheduler), so `save_pretrained` / `DiffusionPipeline.from_pretrained` / `load_lora_weights` work on it as on
 SD3.5. There is no T5: with `text_encoder_3=None` the pipeline feeds zeros for its part of the context.
