@@ -125,8 +125,9 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types for truncated / corrupt headers
+        reason = (str(err).strip().splitlines() or [""])[0]
         raise CheckpointError(
-            f"{path} is corrupt or truncated ({type(err).__name__}: {err}). Resume from an earlier checkpoint, or "
+            f"{path} is corrupt or truncated ({type(err).__name__}: {reason}). Resume from an earlier checkpoint, or "
             "delete this checkpoint directory so that resume_from_checkpoint=True picks the previous one."
         ) from err
 

@@ -46,6 +46,11 @@ NFT_STATE_NAME = _checkpoint.STATE_TENSORS
 logger = logging.get_logger(__name__)
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def _identity(batch):
     return batch
 
@@ -240,7 +245,7 @@ class DiffusionNFTTrainer(Trainer):
         self._keep_trained_weights_in_float32(denoiser)
         self._ema = [p.detach().clone() for p in self._trainable] if args.eval_ema_decay is not None else None
         if args.activation_checkpointing:
-            self._setup_gradient_checkpointing(denoiser)
+            self._setup_gradient_checkpointing(denoiser, args)
 
         _make_config_serialisable(denoiser)
         super().__init__(
@@ -371,7 +376,7 @@ class DiffusionNFTTrainer(Trainer):
         # float32 inputs and adapters meet half-precision weights the way they do under bf16=True.
         self._frozen_half_dtype = next(iter(half)) if len(half) == 1 else None
 
-    def _setup_gradient_checkpointing(self, denoiser):
+    def _setup_gradient_checkpointing(self, denoiser, args: DiffusionNFTConfig):
         """`gradient_checkpointing=True` for diffusers models, which spell it `enable_gradient_checkpointing()`
         (transformers' Trainer calls `activation_checkpointing_enable`)."""
         if not getattr(denoiser, "_supports_gradient_checkpointing", False):
@@ -379,7 +384,7 @@ class DiffusionNFTTrainer(Trainer):
                 f"gradient_checkpointing=True, but {type(denoiser).__name__} does not support gradient checkpointing. "
                 "Set gradient_checkpointing=False."
             )
-        if (self.args.activation_checkpointing_kwargs or {}).get("use_reentrant"):
+        if (args.activation_checkpointing_kwargs or {}).get("use_reentrant"):
             raise ValueError(
                 "gradient_checkpointing_kwargs={'use_reentrant': True} gives LoRA weights no gradient when the "
                 "denoiser's inputs need none (they never do here). Leave use_reentrant unset (non-reentrant)."
@@ -1045,7 +1050,7 @@ class DiffusionNFTTrainer(Trainer):
         except Exception as err:
             raise _checkpoint.CheckpointError(
                 f"Could not load the optimizer / scheduler state of {checkpoint} (optimizer.pt, scheduler.pt): "
-                f"{type(err).__name__}: {err}. The files are corrupt: resume from an earlier checkpoint, or delete "
+                f"{_first_line(err)}. The files are corrupt: resume from an earlier checkpoint, or delete "
                 "this one so that resume_from_checkpoint=True picks the previous one."
             ) from err
 
@@ -1054,7 +1059,7 @@ class DiffusionNFTTrainer(Trainer):
             super()._load_rng_state(checkpoint)
         except Exception as err:
             raise _checkpoint.CheckpointError(
-                f"Could not load the random state of {checkpoint} (rng_state*.pth): {type(err).__name__}: {err}. The "
+                f"Could not load the random state of {checkpoint} (rng_state*.pth): {_first_line(err)}. The "
                 "files are corrupt: resume from an earlier checkpoint, or delete this one."
             ) from err
 
