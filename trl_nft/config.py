@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -277,6 +278,11 @@ class DiffusionNFTConfig(TrainingArguments):
             logger.info(
                 "bf16=True on a machine with no accelerator: training on CPU with bf16 autocast (use_cpu=True)."
             )
+            self.use_cpu = True
+        if not self.use_cpu and not _has_accelerator() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # `accelerate launch --multi_gpu --num_processes N` on a machine without accelerators: accelerate forms the
+            # gloo process group only for CPU states; without use_cpu every process would train alone.
+            logger.info("Several processes and no accelerator: distributed CPU training over gloo (use_cpu=True).")
             self.use_cpu = True
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             # Trainer's default metric is the evaluation loss, which reward-based evaluation does not have.
