@@ -308,6 +308,15 @@ def test_model_init_kwargs_load_the_pipeline_as_asked(tiny_pipe, tmp_path):
         DiffusionNFTTrainer(str(path), "brightness", args=bad, train_dataset=[{"prompt": p} for p in PROMPTS])
 
 
+def test_a_pipeline_with_lora_already_loaded_is_refused_with_the_fix(tmp_path):
+    from peft import LoraConfig
+
+    pipe = _fresh_pipe()
+    pipe.transformer.add_adapter(LoraConfig(r=2, target_modules=["attn.to_q"]), adapter_name="style")
+    with pytest.raises(ValueError, match=r"already carries LoRA adapters \['style'\].*pipe.fuse_lora\(\)"):
+        _trainer(pipe, tmp_path)
+
+
 def test_full_finetuning_of_a_half_precision_denoiser_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"use_lora=False would fine-tune.*torch_dtype=torch.float32"):
         _trainer(_fresh_pipe().to(torch.bfloat16), tmp_path, use_lora=False)

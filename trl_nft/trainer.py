@@ -323,6 +323,14 @@ class DiffusionNFTTrainer(Trainer):
                 init_lora_weights="gaussian",
                 target_modules=list(args.lora_target_modules or self.adapter.default_lora_target_modules),
             )
+        existing = sorted(getattr(denoiser, "peft_config", None) or {})
+        if existing:
+            # The trainer activates only its own adapters, so one the user loaded would silently stop applying.
+            raise ValueError(
+                f"The pipeline's {self.adapter.denoiser_name} already carries LoRA adapters {existing}. To train on top "
+                "of them, fuse them into the base weights first: pipe.fuse_lora(); pipe.unload_lora_weights(). To "
+                "continue a DiffusionNFT run, use train(resume_from_checkpoint=...)."
+            )
         # Two adapters on one denoiser (official): "default" is trained, "old" samples rollouts and anchors the loss.
         denoiser.add_adapter(peft_config, adapter_name="default")
         denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name="old")
