@@ -1,6 +1,7 @@
 """Two real processes (`accelerate launch --multi_gpu --num_processes 2`: gloo on CPU, NCCL on GPUs) on the tiny
 pipeline: the advantages each process trains on are the one-process advantages of the gathered rollout batch, the
-processes sample different noise, `evaluate()` splits prompts unevenly, and a reward raising on one process stops all."""
+processes sample different noise, `evaluate()` splits prompts unevenly, a reward raising on one process stops all, and
+a run resumes exactly from inside a rollout batch."""
 
 import json
 import os
@@ -69,6 +70,10 @@ def test_two_processes_match_one_process_and_fail_together(tmp_path, tiny_pipe):
     for rank in ranks:
         assert abs(rank["eval"]["eval_reward"] - single["eval_reward"]) < 1e-5
         assert abs(rank["eval"]["eval_reward_std"] - single["eval_reward_std"]) < 1e-5
+
+    # Resuming inside a rollout batch (steps_per_generation=2, checkpoint after step 1) is exact on every process.
+    assert [r["resumed_from_inside_a_rollout_batch"] for r in ranks] == [1, 1]
+    assert [r["resume_bitwise_equal"] for r in ranks] == [True, True]
 
     # A reward raising on process 1 only: process 1 raises it, process 0 raises naming process 1; nobody hangs.
     assert "injected on process 1" in ranks[1]["failure"]

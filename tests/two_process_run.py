@@ -91,6 +91,33 @@ def main(out_dir: str):
         record["failure"] = None
     except Exception as err:  # recorded for the test; the point is that every process gets here instead of hanging
         record["failure"] = f"{type(err).__name__}: {err}"
+
+    # Resume inside a rollout batch: each process restores its own share of the buffered rollout batch.
+    def weights(t):
+        return [p.detach().clone() for p in t._trainable + t._old]
+
+    layout = dict(max_steps=2, save_strategy="steps", save_steps=1, steps_per_generation=2, learning_rate=1e-2)
+    resume_dir = os.path.join(out_dir, "resume")
+    full = DiffusionNFTTrainer(
+        build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0),
+        brightness,
+        args=config(output_dir=resume_dir, **layout),
+        train_dataset=[{"prompt": p} for p in prompts],
+    )
+    full.train()
+    resumed = DiffusionNFTTrainer(
+        build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0),
+        brightness,
+        args=config(output_dir=resume_dir, **layout),
+        train_dataset=[{"prompt": p} for p in prompts],
+    )
+    resumed.train(resume_from_checkpoint=os.path.join(resume_dir, "checkpoint-1"))
+    record["resume_bitwise_equal"] = all(
+        torch.equal(a, b) for a, b in zip(weights(full), weights(resumed), strict=True)
+    )
+    record["resumed_from_inside_a_rollout_batch"] = json.load(
+        open(os.path.join(resume_dir, "checkpoint-1", "nft_state.json"))
+    )["micro_step"]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
 
