@@ -421,6 +421,13 @@ class DiffusionNFTConfig(TrainingArguments):
                 "the old policy and the EMA are kept as unsharded copies of the trained parameters.",
                 f"Unset {name} and use data parallelism (`accelerate launch --multi_gpu --num_processes N`).",
             )
+        if self.parallelism_config is not None:
+            refuse(
+                "parallelism_config",
+                "tensor / context / sequence parallelism would shard the denoiser whose weights the trainer copies "
+                "into the old policy and the EMA.",
+                "Leave parallelism_config=None and use data parallelism (`accelerate launch --multi_gpu`).",
+            )
         if self.enable_jit_checkpoint:
             refuse(
                 "enable_jit_checkpoint",
