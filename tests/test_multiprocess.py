@@ -75,6 +75,11 @@ def test_two_processes_match_one_process_and_fail_together(tmp_path, tiny_pipe):
     assert [r["resumed_from_inside_a_rollout_batch"] for r in ranks] == [1, 1]
     assert [r["resume_bitwise_equal"] for r in ranks] == [True, True]
 
+    # SIGTERM to process 0 only: both processes stop after the same step, with one complete checkpoint, and exit 143.
+    assert [r["signal_exit"] for r in ranks] == [143, 143]
+    assert [r["signal_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["signal_checkpoints"] == ["checkpoint-2"]
+
     # A reward raising on process 1 only: process 1 raises it, process 0 raises naming process 1; nobody hangs.
     assert "injected on process 1" in ranks[1]["failure"]
     assert "raised on process(es) [1]" in ranks[0]["failure"]

@@ -2,12 +2,14 @@
 
 Each process writes `<out>/rank<i>.json`: the prompts, rewards and optimality probabilities r of its share of one rollout
 batch, digests of its rollout latents, the metrics of an `evaluate()` on 3 prompts (uneven over 2 processes), and the
-error a reward raising on process 1 only produced here.
+error a reward raising on process 1 only produced here, whether resuming inside a rollout batch was exact, and how a
+run ended whose process 0 got a SIGTERM.
 """
 
 import hashlib
 import json
 import os
+import signal
 import sys
 
 
@@ -17,6 +19,8 @@ import torch  # noqa: E402
 
 
 def main(out_dir: str):
+    from transformers import TrainerCallback
+
     from trl_nft import DiffusionNFTConfig, DiffusionNFTTrainer
     from trl_nft.shapes import VOCABULARY
     from trl_nft.shapes.tiny import build_tiny_sd3_pipeline
@@ -118,6 +122,28 @@ def main(out_dir: str):
     record["resumed_from_inside_a_rollout_batch"] = json.load(
         open(os.path.join(resume_dir, "checkpoint-1", "nft_state.json"))
     )["micro_step"]
+
+    # SIGTERM reaching process 0 only: both processes checkpoint after the same step and exit with 128 + 15.
+    class SigtermOnRank0(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if rank == 0 and state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    signal_dir = os.path.join(out_dir, "signal")
+    stopped = DiffusionNFTTrainer(
+        build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0),
+        brightness,
+        args=config(output_dir=signal_dir, max_steps=4),
+        train_dataset=[{"prompt": p} for p in prompts],
+        callbacks=[SigtermOnRank0()],
+    )
+    try:
+        stopped.train()
+        record["signal_exit"] = None
+    except SystemExit as exit_info:
+        record["signal_exit"] = exit_info.code
+    record["signal_step"] = stopped.state.global_step
+    record["signal_checkpoints"] = sorted(n for n in os.listdir(signal_dir) if n.startswith("checkpoint-"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
 
