@@ -99,8 +99,10 @@ def train(script_args: NFTScriptArguments, training_args) -> str:
         )
         if script_args.max_eval_prompts is not None:
             eval_dataset = eval_dataset.select(range(min(script_args.max_eval_prompts, len(eval_dataset))))
+    name = script_args.model_name_or_path
     trainer = DiffusionNFTTrainer(
-        model=load_model(script_args.model_name_or_path),
+        # A path or Hub id goes to the trainer as such, so that `model_init_kwargs` (torch_dtype, revision, ...) apply.
+        model=load_model(name) if name == "shapes-base" else name,
         reward_funcs=script_args.reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
