@@ -109,7 +109,10 @@ def train(script_args: NFTScriptArguments, training_args) -> str:
         eval_dataset=eval_dataset,
     )
     trainer.base_model_id = script_args.model_name_or_path
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "yes", "1"):
+        resume = True  # the newest complete checkpoint in output_dir
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(dataset_name=script_args.dataset_name_for_card)
     if training_args.push_to_hub:
