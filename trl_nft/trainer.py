@@ -1007,7 +1007,9 @@ class DiffusionNFTTrainer(Trainer):
         _checkpoint.check_compatible(
             checkpoint, state["batch_layout"], _checkpoint.batch_layout(self.args), "the batch layout", fix
         )
-        _checkpoint.check_compatible(checkpoint, {"use_lora": state["use_lora"]}, {"use_lora": self.use_lora}, "", fix)
+        _checkpoint.check_compatible(
+            checkpoint, {"use_lora": state["use_lora"]}, {"use_lora": self.use_lora}, "the setting", fix
+        )
         if self.use_lora:
             current = _checkpoint.lora_summary(self.adapter.denoiser.peft_config["default"])
             _checkpoint.check_compatible(
