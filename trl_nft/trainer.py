@@ -670,7 +670,7 @@ class DiffusionNFTTrainer(Trainer):
         if self.args.fp16:
             return  # the fp16 GradScaler already skips steps with inf/NaN gradients and adjusts its scale
         grads = [p.grad for p in self._trainable if p.grad is not None]
-        finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+        finite = bool(torch.nn.utils.get_total_norm(grads).isfinite()) if grads else True
         if finite:
             if self.use_lora:
                 # LoRA weights are small: keep a copy to undo a step that overflows them (checked after the step).
@@ -683,7 +683,7 @@ class DiffusionNFTTrainer(Trainer):
     def _check_weights_after_step(self):
         if self._skip_updates:
             return
-        finite = bool(torch.stack(torch._foreach_norm([p.detach() for p in self._trainable])).isfinite().all())
+        finite = bool(torch.nn.utils.get_total_norm([p.detach() for p in self._trainable]).isfinite())
         if finite:
             return
         if self._weights_before_step is None:
