@@ -99,15 +99,20 @@ def train(script_args: NFTScriptArguments, training_args) -> str:
         )
         if script_args.max_eval_prompts is not None:
             eval_dataset = eval_dataset.select(range(min(script_args.max_eval_prompts, len(eval_dataset))))
+    name = script_args.model_name_or_path
     trainer = DiffusionNFTTrainer(
-        model=load_model(script_args.model_name_or_path),
+        # A path or Hub id goes to the trainer as such, so that `model_init_kwargs` (torch_dtype, revision, ...) apply.
+        model=load_model(name) if name == "shapes-base" else name,
         reward_funcs=script_args.reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
     )
     trainer.base_model_id = script_args.model_name_or_path
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "yes", "1"):
+        resume = True  # the newest complete checkpoint in output_dir
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(dataset_name=script_args.dataset_name_for_card)
     if training_args.push_to_hub:

@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -34,9 +35,10 @@ import torch
 from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.utils import logging
 
-from . import core
+from . import _checkpoint, core
 from .config import DiffusionNFTConfig, import_from_string
 from .families import get_adapter, load_pipeline, null_components
 from .families.adapter import eval_mode
@@ -44,7 +46,13 @@ from .model_card import write_model_card
 from .rewards import resolve_reward, reward_name
 
 
-NFT_STATE_NAME = "nft_state.safetensors"
+NFT_STATE_NAME = _checkpoint.STATE_TENSORS
+logger = logging.get_logger(__name__)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _identity(batch):
@@ -77,6 +85,41 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Skips an optimizer step whose gradients (hence loss) are not finite, and undoes one that made a weight
+    non-finite; stops after `max_nonfinite_steps` consecutive such steps (see `DiffusionNFTConfig`)."""
+
+    def __init__(self, trainer: DiffusionNFTTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_gradients_before_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_weights_after_step()
+
+
+class _StopOnSignal(TrainerCallback):
+    """Turns a SIGTERM/SIGINT received by any process into a checkpoint and a stop after the current optimizer step."""
+
+    def __init__(self, trainer: DiffusionNFTTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        guard = self.trainer._signal_guard
+        received = guard.received if guard is not None else None
+        if self.trainer.accelerator.num_processes > 1:
+            # Every process must stop at the same step, whichever of them got the signal.
+            flags = self.trainer.accelerator.gather(
+                torch.tensor([received or 0], device=self.trainer.accelerator.device)
+            )
+            received = int(flags.max().item()) or None
+        if received:
+            self.trainer._stop_signal = received
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class DiffusionNFTTrainer(Trainer):
@@ -126,8 +169,14 @@ class DiffusionNFTTrainer(Trainer):
         # ---------------------------------------------------------------- pipeline and its family adapter
         if isinstance(model, str | os.PathLike):
             self.base_model_id = str(model)
-            pipeline = load_pipeline(str(model))
+            pipeline = load_pipeline(str(model), **self._model_init_kwargs(args))
         else:
+            if args is not None and args.model_init_kwargs:
+                raise ValueError(
+                    "model_init_kwargs is set but `model` is an already loaded pipeline, so there is nothing to load: "
+                    "pass the model's path or Hub id as `model`, or load the pipeline yourself with these arguments "
+                    "and leave model_init_kwargs=None."
+                )
             pipeline = model
             self.base_model_id = getattr(pipeline.config, "_name_or_path", None) or None
         if args is None:
@@ -198,6 +247,7 @@ class DiffusionNFTTrainer(Trainer):
             self._old_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
             self._old = list(self._old_model.parameters())
             self._ref_model = copy.deepcopy(denoiser).requires_grad_(False).eval() if args.kl_weight > 0 else None
+            self._trainable_names = [name for name, _ in denoiser.named_parameters()]
         self._decay_schedule = core.make_decay_schedule(
             import_from_string(args.old_policy_decay)
             if args.old_policy_decay not in ("linear", "constant")
@@ -206,7 +256,10 @@ class DiffusionNFTTrainer(Trainer):
             max_decay=args.old_policy_decay_max,
             delay=args.old_policy_decay_delay,
         )
+        self._keep_trained_weights_in_float32(denoiser)
         self._ema = [p.detach().clone() for p in self._trainable] if args.eval_ema_decay is not None else None
+        if args.activation_checkpointing:
+            self._setup_gradient_checkpointing(denoiser, args)
 
         _make_config_serialisable(denoiser)
         super().__init__(
@@ -226,6 +279,19 @@ class DiffusionNFTTrainer(Trainer):
             if extra is not None:
                 extra.to(device)
         self.add_callback(_AfterOptimizerStep(self))
+        self.add_callback(_NonFiniteGuard(self))
+        self.add_callback(_StopOnSignal(self))
+        if self.accelerator.num_processes > 1:
+            # Trainer seeded every process alike; rollouts must differ between processes (or a prompt whose group
+            # spans two processes gets duplicate images), reproducibly: seed + process index, as TRL's GRPOTrainer.
+            from accelerate.utils import set_seed as accelerate_set_seed
+
+            accelerate_set_seed(args.seed, device_specific=True)
+        self._signal_guard: _checkpoint.SignalGuard | None = None
+        self._stop_signal: int | None = None
+        self._nonfinite_streak = 0
+        self._skip_updates = False
+        self._weights_before_step: list[torch.Tensor] | None = None
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -242,6 +308,14 @@ class DiffusionNFTTrainer(Trainer):
             return None
         import datasets
 
+        if isinstance(dataset, datasets.IterableDataset | torch.utils.data.IterableDataset):
+            raise ValueError(
+                f"{field_name} is an IterableDataset (streaming), which DiffusionNFT cannot use: each rollout batch "
+                "draws prompts at random and repeats each num_generations times, which needs a dataset with a length "
+                "and random access (and with streaming, Trainer's dispatching would split the groups). Load it "
+                "without streaming=True, or materialise the part you need, e.g. "
+                "datasets.Dataset.from_list(list(dataset.take(10_000)))."
+            )
         if isinstance(dataset, list):
             if not dataset or not isinstance(dataset[0], dict):
                 raise ValueError(f"{field_name} must be a datasets.Dataset or a non-empty list of dicts.")
@@ -263,6 +337,14 @@ class DiffusionNFTTrainer(Trainer):
                 init_lora_weights="gaussian",
                 target_modules=list(args.lora_target_modules or self.adapter.default_lora_target_modules),
             )
+        existing = sorted(getattr(denoiser, "peft_config", None) or {})
+        if existing:
+            # The trainer activates only its own adapters, so one the user loaded would silently stop applying.
+            raise ValueError(
+                f"The pipeline's {self.adapter.denoiser_name} already carries LoRA adapters {existing}. To train on top "
+                "of them, fuse them into the base weights first: pipe.fuse_lora(); pipe.unload_lora_weights(). To "
+                "continue a DiffusionNFT run, use train(resume_from_checkpoint=...)."
+            )
         # Two adapters on one denoiser (official): "default" is trained, "old" samples rollouts and anchors the loss.
         denoiser.add_adapter(peft_config, adapter_name="default")
         denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name="old")
@@ -277,6 +359,65 @@ class DiffusionNFTTrainer(Trainer):
         core.soft_update_(self._old, self._trainable, 0.0)
         denoiser.set_adapter("default")
         self._lora_param_names = default_names
+        self._trainable_names = default_names
+
+    @staticmethod
+    def _model_init_kwargs(args: DiffusionNFTConfig | None) -> dict[str, Any]:
+        kwargs = dict((args.model_init_kwargs if args is not None else None) or {})
+        dtype = kwargs.get("torch_dtype")
+        if isinstance(dtype, str) and dtype != "auto":
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(
+                    f"model_init_kwargs['torch_dtype']={dtype!r} is not a torch dtype; use e.g. 'bfloat16', "
+                    "'float16', 'float32' or 'auto'."
+                )
+            kwargs["torch_dtype"] = getattr(torch, dtype)
+        return kwargs
+
+    def _keep_trained_weights_in_float32(self, denoiser):
+        """Trained weights (and the old policy's copy) in float32 whatever the pipeline's dtype, so that small updates
+        are not rounded away; frozen weights stay as the user loaded them (diffusers' `cast_training_params`)."""
+        frozen = {p.dtype for p in denoiser.parameters() if not p.requires_grad}
+        trained = {p.dtype for p in self._trainable}
+        if not self.use_lora and trained != {torch.float32}:
+            raise ValueError(
+                f"use_lora=False would fine-tune the denoiser's own {sorted(map(str, trained))} weights, whose small "
+                "updates are rounded away in half precision. Load the pipeline in float32 (torch_dtype=torch.float32) "
+                "and set bf16=True for mixed-precision compute, or train LoRA adapters (use_lora=True)."
+            )
+        if trained != {torch.float32}:
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(denoiser, dtype=torch.float32)
+        with torch.no_grad():
+            for p in self._old:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+        half = frozen & {torch.bfloat16, torch.float16}
+        # A half-precision pipeline without Trainer mixed precision: compute in the pipeline's dtype (autocast) so that
+        # float32 inputs and adapters meet half-precision weights the way they do under bf16=True.
+        self._frozen_half_dtype = next(iter(half)) if len(half) == 1 else None
+
+    def _setup_gradient_checkpointing(self, denoiser, args: DiffusionNFTConfig):
+        """`gradient_checkpointing=True` for diffusers models, which spell it `enable_gradient_checkpointing()`
+        (transformers' Trainer calls `activation_checkpointing_enable`)."""
+        if not getattr(denoiser, "_supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"gradient_checkpointing=True, but {type(denoiser).__name__} does not support gradient checkpointing. "
+                "Set gradient_checkpointing=False."
+            )
+        if (args.activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "gradient_checkpointing_kwargs={'use_reentrant': True} gives LoRA weights no gradient when the "
+                "denoiser's inputs need none (they never do here). Leave use_reentrant unset (non-reentrant)."
+            )
+
+        def activation_checkpointing_enable(*args, **kwargs):
+            denoiser.enable_gradient_checkpointing()
+
+        denoiser.enable_gradient_checkpointing()
+        # Trainer.train() calls this on the model; a plain attribute keeps the diffusers class untouched.
+        denoiser.activation_checkpointing_enable = activation_checkpointing_enable
 
     # ================================================================================================ policies
     @contextlib.contextmanager
@@ -328,6 +469,12 @@ class DiffusionNFTTrainer(Trainer):
             yield self.pipeline
 
     def _after_optimizer_step(self):
+        if self._skip_updates:
+            # A skipped (non-finite) step changes nothing: no old-policy or EMA update either.
+            self._skip_updates = False
+            return
+        self._nonfinite_streak = 0
+        self._weights_before_step = None
         step = self.state.global_step
         if self._ema is not None:
             decay = core.ema_warmup_decay(step, self.args.eval_ema_decay)
@@ -366,7 +513,7 @@ class DiffusionNFTTrainer(Trainer):
             batch_size=num_prompts,
             repeat_count=self.num_iterations * self.args.steps_per_generation,
             shuffle=True,
-            seed=self.args.seed,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
     def _prepare_inputs(self, generation_batch):
@@ -425,7 +572,8 @@ class DiffusionNFTTrainer(Trainer):
         self._rollout_grid = self.adapter.training_grid()
         x0 = torch.cat(latents)
         images = torch.cat(images)
-        rewards_per_func = self._calculate_rewards(prompts, images, columns, mode="train")
+        with self._fail_together("a reward function"):
+            rewards_per_func = self._calculate_rewards(prompts, images, columns, mode="train")
 
         # Advantages are normalised over the whole rollout batch of all processes (official: all-gather).
         all_rewards = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()
@@ -488,7 +636,87 @@ class DiffusionNFTTrainer(Trainer):
             out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in res])
         return out
 
+    @contextlib.contextmanager
+    def _fail_together(self, what: str):
+        """Run a block that may raise on some processes only (user reward code): every process learns of a failure and
+        raises, instead of the others waiting forever in the next collective."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # re-raised below, after the other processes heard of it
+            error = err
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(torch.tensor([error is not None], device=self.accelerator.device))
+            failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+            if failed and error is None:
+                raise RuntimeError(
+                    f"{what} raised on process(es) {failed} (see the traceback there); this process stops too."
+                )
+        if error is not None:
+            raise error
+
     # ================================================================================================ training
+    def compute_loss_context_manager(self):
+        context = super().compute_loss_context_manager()
+        if self._frozen_half_dtype is None or self.accelerator.mixed_precision != "no":
+            return context
+        stack = contextlib.ExitStack()
+        stack.enter_context(context)
+        stack.enter_context(torch.autocast(self.accelerator.device.type, dtype=self._frozen_half_dtype))
+        return stack
+
+    def _check_gradients_before_step(self):
+        """Called before `optimizer.step()`: skip the step if a gradient is not finite."""
+        if self.args.fp16:
+            return  # the fp16 GradScaler already skips steps with inf/NaN gradients and adjusts its scale
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        finite = bool(torch.nn.utils.get_total_norm(grads).isfinite()) if grads else True
+        if finite:
+            if self.use_lora:
+                # LoRA weights are small: keep a copy to undo a step that overflows them (checked after the step).
+                self._weights_before_step = [p.detach().clone() for p in self._trainable]
+            return
+        for p in self._trainable:
+            p.grad = None  # optimizers skip parameters without a gradient: no weight or moment update
+        self._record_nonfinite_step("the loss or a gradient is not finite")
+
+    def _check_weights_after_step(self):
+        if self._skip_updates:
+            return
+        finite = bool(torch.nn.utils.get_total_norm([p.detach() for p in self._trainable]).isfinite())
+        if finite:
+            return
+        if self._weights_before_step is None:
+            raise RuntimeError(
+                f"The optimizer step {self.state.global_step + 1} made trained weights non-finite (learning rate too "
+                f"high?). {self._last_good_checkpoint_message()}"
+            )
+        with torch.no_grad():
+            for p, before in zip(self._trainable, self._weights_before_step, strict=True):
+                p.copy_(before)
+        self._record_nonfinite_step("the optimizer step made a weight non-finite (undone)")
+
+    def _record_nonfinite_step(self, what: str):
+        self._skip_updates = True
+        self._nonfinite_streak += 1
+        step = self.state.global_step + 1
+        limit = self.args.max_nonfinite_steps
+        if self._nonfinite_streak > limit:
+            raise RuntimeError(
+                f"Step {step}: {what}, the {self._nonfinite_streak}th step in a row (max_nonfinite_steps={limit}); "
+                f"stopping. Lower learning_rate or check the rewards. {self._last_good_checkpoint_message()}"
+            )
+        logger.warning(
+            f"Step {step}: {what}; skipping the step (no weight, old-policy or EMA update) "
+            f"({self._nonfinite_streak} in a row, at most max_nonfinite_steps={limit})."
+        )
+
+    def _last_good_checkpoint_message(self) -> str:
+        path, _ = _checkpoint.newest_complete_checkpoint(self._get_output_dir(trial=None))
+        if path is None:
+            return "No checkpoint was saved before this point."
+        return f"The last good checkpoint is {path}: resume from it with train(resume_from_checkpoint={path!r})."
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
@@ -572,7 +800,7 @@ class DiffusionNFTTrainer(Trainer):
         device = self.accelerator.device
         bs = self.args.per_device_eval_batch_size
         all_scores, all_images, all_prompts = [], [], []
-        with self.evaluation_weights():
+        with self._fail_together("evaluation"), self.evaluation_weights():
             for i in range(0, len(indices), bs):
                 idx = indices[i : i + bs]
                 prompts = [rows[j]["prompt"] for j in idx]
@@ -587,7 +815,11 @@ class DiffusionNFTTrainer(Trainer):
                 all_scores.append(self._calculate_rewards(prompts, images, columns, mode="eval"))
                 all_images.append(images.cpu())
                 all_prompts.extend(prompts)
-        rewards_per_func = self.accelerator.gather(torch.cat(all_scores).to(device)).cpu()
+        # Processes hold different numbers of rows when the prompts do not divide evenly: gather objects, not tensors.
+        num_funcs = len(self.reward_funcs)
+        local = torch.cat(all_scores) if all_scores else torch.empty(0, num_funcs)
+        gathered = gather_object(local.tolist())
+        rewards_per_func = torch.tensor(gathered, dtype=torch.float32).reshape(-1, num_funcs)
         rewards = core.combine_rewards(rewards_per_func, self.reward_weights)
         metrics_lists: defaultdict[str, list[float]] = defaultdict(list)
         self._log_reward_metrics(metrics_lists, rewards_per_func, rewards)
@@ -597,7 +829,7 @@ class DiffusionNFTTrainer(Trainer):
             metrics[f"{metric_key_prefix}_{key}"] = sum(valid) / len(valid) if valid else None
         self._metrics["eval"].clear()
         metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
-        self._last_eval_images = (torch.cat(all_images), all_prompts)
+        self._last_eval_images = (torch.cat(all_images), all_prompts) if all_images else None
         self.log(metrics)
         self._log_eval_images()
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -632,6 +864,12 @@ class DiffusionNFTTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.adapter.denoiser
         with self._ema_weights():
+            bad = [n for n, p in zip(self._trainable_names, self._trainable, strict=True) if not p.isfinite().all()]
+            if bad:
+                raise RuntimeError(
+                    f"Refusing to write a non-finite adapter to {output_dir}: {len(bad)} weights hold NaN/inf (first: "
+                    f"{bad[0]}). {self._last_good_checkpoint_message()}"
+                )
             if self.use_lora:
                 from peft.utils import get_peft_model_state_dict
 
@@ -643,36 +881,220 @@ class DiffusionNFTTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial):
-        checkpoint_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-        super()._save_checkpoint(model, trial)
+        """Trainer's checkpoint plus the NFT state, written atomically: into `.tmp-checkpoint-N`, flushed, renamed."""
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = _checkpoint.staging_dir(final)
         if self.args.should_save:
-            # What the diffusers LoRA file does not hold: the old policy, the exact trained weights (the LoRA file holds
-            # the EMA when one is kept) and the EMA itself.
-            from safetensors.torch import save_file
+            shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
+            os.makedirs(staging)
+        self.accelerator.wait_for_everyone()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(staging, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)
+        self._save_rollout_buffer(staging)  # per process: each holds its own share of the rollout batch
+        if self.args.should_save:
+            self._save_nft_state(staging)
+            if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and (
+                self.state.best_global_step
+            ):
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if self.state.best_global_step == self.state.global_step or os.path.isdir(best):
+                    self.state.best_model_checkpoint = best
+            from transformers.trainer_callback import ExportableState
 
-            tensors = {f"trained.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._trainable)}
-            tensors.update({f"old.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._old)})
-            if self._ema is not None:
-                tensors.update({f"ema.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._ema)})
-            save_file(tensors, os.path.join(checkpoint_dir, NFT_STATE_NAME))
-            self.create_model_card(output_dir=checkpoint_dir)
+            for cb in [
+                cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)
+            ]:
+                name, cb_state = cb.__class__.__name__, cb.state()
+                if isinstance(self.state.stateful_callbacks[name], list):
+                    self.state.stateful_callbacks[name].append(cb_state)
+                else:
+                    self.state.stateful_callbacks[name] = cb_state
+            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+            self.create_model_card(output_dir=staging)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            _checkpoint.finalize(staging, final, self._checkpoint_description())
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _save_nft_state(self, output_dir: str):
+        # What the diffusers LoRA file does not hold: the exact trained weights (the LoRA file holds the EMA when one is
+        # kept), the old policy and the EMA, keyed by the trained parameter's name.
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for group, params in (("trained", self._trainable), ("old", self._old), ("ema", self._ema or [])):
+            for name, p in zip(self._trainable_names, params, strict=False):
+                tensors[f"{group}/{name}"] = p.detach().cpu().contiguous()
+        save_file(tensors, os.path.join(output_dir, _checkpoint.STATE_TENSORS))
+
+    def _save_rollout_buffer(self, output_dir: str):
+        from safetensors.torch import save_file
+
+        tensors, meta = _checkpoint.pack_buffer(self._buffered_inputs)
+        rank = self.accelerator.process_index
+        if tensors:
+            save_file(tensors, os.path.join(output_dir, f"rollout_buffer_{rank}.safetensors"))
+        with open(os.path.join(output_dir, f"rollout_buffer_{rank}.json"), "w") as f:
+            json.dump(meta, f)
+
+    def _checkpoint_description(self) -> dict[str, Any]:
+        grid = self._rollout_grid
+        return {
+            "global_step": self.state.global_step,
+            "micro_step": self._step,
+            "rollout_grid": grid.tolist() if grid is not None else None,
+            "use_lora": self.use_lora,
+            "lora": _checkpoint.lora_summary(self.adapter.denoiser.peft_config["default"]) if self.use_lora else None,
+            "batch_layout": _checkpoint.batch_layout(self.args),
+            "has_ema": self._ema is not None,
+        }
+
+    # ================================================================================================ resuming
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, plus: `resume_from_checkpoint=True` takes the newest *complete* checkpoint (skipping, with
+        a warning, one whose save was interrupted), and SIGTERM/SIGINT save a checkpoint and exit
+        (`save_on_signal`, see docs/checkpoints.md)."""
+        if resume_from_checkpoint is True:
+            output_dir = self.args.output_dir
+            resume_from_checkpoint, skipped = _checkpoint.newest_complete_checkpoint(output_dir)
+            for path, reason in skipped:
+                logger.warning(f"Skipping incomplete checkpoint {path}: {reason}.")
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint"
+                    + (f" ({len(skipped)} incomplete ones skipped)" if skipped else "")
+                    + ". Start without resume_from_checkpoint, or pass the path of a checkpoint."
+                )
+            logger.info(f"Resuming from {resume_from_checkpoint}.")
+        self._stop_signal = None
+        self._signal_guard = _checkpoint.SignalGuard() if self.args.save_on_signal else None
+        with self._signal_guard or contextlib.nullcontext():
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self._stop_signal is not None:
+            import signal
+
+            name = signal.Signals(self._stop_signal).name
+            path = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            logger.warning(
+                f"{name}: stopped after step {self.state.global_step} and saved checkpoint {path}. Resume with "
+                f"trainer.train(resume_from_checkpoint={path!r}) (or resume_from_checkpoint=True)."
+            )
+            raise SystemExit(128 + self._stop_signal)
+        return output
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from safetensors.torch import load_file
-
-        path = os.path.join(resume_from_checkpoint, NFT_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"{resume_from_checkpoint} is not a DiffusionNFT checkpoint: {NFT_STATE_NAME} is missing."
+        checkpoint = resume_from_checkpoint
+        state = _checkpoint.read_state(checkpoint)
+        fix = (
+            "Resume with the same value, or start a new run from this checkpoint's adapter "
+            "(pipe.load_lora_weights(checkpoint)) without resume_from_checkpoint."
+        )
+        _checkpoint.check_compatible(
+            checkpoint, state["batch_layout"], _checkpoint.batch_layout(self.args), "the batch layout", fix
+        )
+        _checkpoint.check_compatible(
+            checkpoint, {"use_lora": state["use_lora"]}, {"use_lora": self.use_lora}, "the setting", fix
+        )
+        if self.use_lora:
+            current = _checkpoint.lora_summary(self.adapter.denoiser.peft_config["default"])
+            _checkpoint.check_compatible(
+                checkpoint, state["lora"], current, "the LoRA config (peft_config / lora_*)", fix
             )
-        tensors = load_file(path)
-        groups = [("trained", self._trainable), ("old", self._old)] + ([("ema", self._ema)] if self._ema else [])
+        tensors = _checkpoint.load_tensors(os.path.join(checkpoint, _checkpoint.STATE_TENSORS))
+        self._copy_named(checkpoint, tensors, "trained", self._trainable)
+        self._copy_named(checkpoint, tensors, "old", self._old)
+        if self._ema is not None:
+            if state["has_ema"]:
+                self._copy_named(checkpoint, tensors, "ema", self._ema)
+            else:
+                logger.warning(
+                    f"{checkpoint} was saved without an evaluation EMA (eval_ema_decay was None) but this run keeps "
+                    f"one (eval_ema_decay={self.args.eval_ema_decay}): it starts from the trained weights."
+                )
+                with torch.no_grad():
+                    for e, p in zip(self._ema, self._trainable, strict=True):
+                        e.copy_(p)
+        self._step = int(state["micro_step"])
+        grid = state["rollout_grid"]
+        self._rollout_grid = torch.tensor(grid, dtype=torch.float32) if grid is not None else None
+        self._buffered_inputs = self._load_rollout_buffer(checkpoint)
+
+    def _load_rollout_buffer(self, checkpoint: str):
+        rank = self.accelerator.process_index
+        meta_file = os.path.join(checkpoint, f"rollout_buffer_{rank}.json")
+        if not os.path.isfile(meta_file):
+            raise _checkpoint.CheckpointError(
+                f"{meta_file} is missing: {checkpoint} was saved by fewer processes than this run has."
+            )
+        with open(meta_file) as f:
+            meta = json.load(f)
+        tensor_file = os.path.join(checkpoint, f"rollout_buffer_{rank}.safetensors")
+        tensors = _checkpoint.load_tensors(tensor_file) if os.path.isfile(tensor_file) else {}
+        return _checkpoint.unpack_buffer(tensors, meta, self.accelerator.device)
+
+    def _copy_named(self, checkpoint: str, tensors: dict[str, torch.Tensor], group: str, params: list[torch.Tensor]):
+        prefix = f"{group}/"
+        saved = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        missing = [n for n in self._trainable_names if n not in saved]
+        unexpected = sorted(set(saved) - set(self._trainable_names))
+        if missing or unexpected:
+            raise _checkpoint.CheckpointError(
+                f"{os.path.join(checkpoint, _checkpoint.STATE_TENSORS)} does not match this model's trained "
+                f"parameters ({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+                f"{unexpected[:2]}): it was saved for another model or LoRA target modules. Resume with the same "
+                "model and lora_target_modules / peft_config."
+            )
         with torch.no_grad():
-            for prefix, params in groups:
-                for i, p in enumerate(params):
-                    p.copy_(tensors[f"{prefix}.{i}"].to(p.device, p.dtype))
+            for name, p in zip(self._trainable_names, params, strict=True):
+                value = saved[name]
+                if value.shape != p.shape:
+                    raise _checkpoint.CheckpointError(
+                        f"{checkpoint}: {group} weight {name} has shape {tuple(value.shape)} in the checkpoint but "
+                        f"{tuple(p.shape)} here. Resume with the same model and LoRA rank."
+                    )
+                p.copy_(value.to(p.device, p.dtype))
+
+    def _load_best_model(self):
+        checkpoint = self.state.best_model_checkpoint
+        logger.info(f"Loading the best weights from {checkpoint} (score: {self.state.best_metric}).")
+        tensors = _checkpoint.load_tensors(os.path.join(checkpoint, _checkpoint.STATE_TENSORS))
+        self._copy_named(checkpoint, tensors, "trained", self._trainable)
+        if self._ema is not None and any(k.startswith("ema/") for k in tensors):
+            self._copy_named(checkpoint, tensors, "ema", self._ema)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as err:
+            raise _checkpoint.CheckpointError(
+                f"Could not load the optimizer / scheduler state of {checkpoint} (optimizer.pt, scheduler.pt): "
+                f"{_first_line(err)}. The files are corrupt: resume from an earlier checkpoint, or delete "
+                "this one so that resume_from_checkpoint=True picks the previous one."
+            ) from err
+
+    def _load_rng_state(self, checkpoint):
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as err:
+            raise _checkpoint.CheckpointError(
+                f"Could not load the random state of {checkpoint} (rng_state*.pth): {_first_line(err)}. The "
+                "files are corrupt: resume from an earlier checkpoint, or delete this one."
+            ) from err
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
         """Write `README.md` (diffusers LoRA card: base model, rewards, recipe, `load_lora_weights` snippet)."""
