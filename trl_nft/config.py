@@ -325,8 +325,6 @@ class DiffusionNFTConfig(TrainingArguments):
             if self.greater_is_better is None:
                 self.greater_is_better = True
         if isinstance(self.model_init_kwargs, str):
-            import json
-
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         super().__post_init__()
         self._check_nft_fields()
