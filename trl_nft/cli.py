@@ -164,12 +164,69 @@ def evaluate(eval_args: EvalArguments) -> dict:
     return result
 
 
+def push(argv: list[str]) -> int:
+    """`trl-nft push RUN_DIR --repo_id USER/NAME [--private]`: publish a finished run (adapter, card, images)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="trl-nft push",
+        description="Publish a finished run folder to the Hugging Face Hub: the adapter (or fine-tuned denoiser), the "
+        "model card and its images. Uses the token of `hf auth login` or HF_TOKEN, and HF_ENDPOINT.",
+    )
+    parser.add_argument("run_dir", help="The run's output_dir (or a checkpoint-N folder).")
+    parser.add_argument("--repo_id", "--repo-id", required=True, help="USER/NAME (or ORG/NAME) of the model repo.")
+    parser.add_argument("--private", action="store_true", help="Create the repo private (no effect if it exists).")
+    parser.add_argument("--revision", default=None, help="Branch to push to (default: main).")
+    parser.add_argument("--commit_message", "--commit-message", default="Upload DiffusionNFT adapter")
+    args = parser.parse_args(argv)
+    from .hub import PushToHubError, push_run
+
+    try:
+        info = push_run(
+            args.run_dir,
+            args.repo_id,
+            private=args.private or None,
+            revision=args.revision,
+            commit_message=args.commit_message,
+        )
+    except (PushToHubError, FileNotFoundError) as err:
+        print(f"trl-nft push: error: {err}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.run_dir} to {info.repo_url.repo_id}: {info.commit_url}")
+    return 0
+
+
+def print_env() -> int:
+    """`trl-nft env`: versions and platform, to paste into bug reports (as `trl env`)."""
+    import platform
+
+    from .model_card import framework_versions
+
+    lines = [f"- Platform: {platform.platform()}", f"- Python version: {platform.python_version()}"]
+    lines += [f"- {name} version: {version}" for name, version in framework_versions()]
+    try:
+        import torch
+
+        accelerator = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+    except Exception as err:  # a broken torch install is exactly what a bug report needs to show
+        accelerator = f"unavailable ({err})"
+    lines.append(f"- Accelerator: {accelerator}")
+    for extra in ("tensorboard", "wandb", "trackio"):
+        from importlib.util import find_spec
+
+        lines.append(f"- {extra}: {'installed' if find_spec(extra) else 'not installed'}")
+    print("\nCopy-paste the following information when reporting an issue:\n\n" + "\n".join(lines) + "\n")
+    return 0
+
+
 USAGE = """usage: trl-nft <command> [options]
 
 commands:
   demo    The main job: NFT teaches the shipped tiny base to count, colour and place shapes (CPU, ~15 min)
   train   Train a pipeline with DiffusionNFT: trl-nft train --config run.yaml [--field value ...]
   eval    Held-out GenEval-style table of the shapes world: trl-nft eval [--lora DIR] [--output_json F]
+  push    Publish a finished run to the Hub: trl-nft push RUN_DIR --repo_id USER/NAME [--private]
+  env     Print versions for bug reports
 
 Run 'trl-nft <command> --help' for a command's options."""
 
@@ -208,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         demo_args, training_args = parser.parse_args_and_config(rest)
         run_demo(demo_args, training_args)
         return 0
+    if command == "push":
+        return push(rest)
+    if command == "env":
+        return print_env()
     print(f"trl-nft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

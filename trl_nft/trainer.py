@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +32,8 @@ import torch
 from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
+from transformers.utils import logging
 
 from . import core
 from .adapters import get_adapter, load_pipeline, null_components
@@ -40,7 +42,11 @@ from .model_card import write_model_card
 from .rewards import resolve_reward, reward_name
 
 
+logger = logging.get_logger(__name__)
+
 NFT_STATE_NAME = "nft_state.safetensors"
+#: Evaluation images saved next to the card as its gallery (at most this many).
+CARD_IMAGES = 8
 
 
 def _identity(batch):
@@ -102,8 +108,12 @@ class DiffusionNFTTrainer(Trainer):
             init (official: r=32, alpha=64).
     """
 
-    _tag_names = ("trl_nft", "diffusion-nft", "diffusers", "text-to-image", "lora")
+    _tag_names = ["trl", "trl_nft", "diffusion-nft", "diffusers", "text-to-image"]
     _name = "DiffusionNFT"
+    _paper = {
+        "title": "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",
+        "id": "2509.16117",
+    }
 
     def __init__(
         self,
@@ -195,6 +205,8 @@ class DiffusionNFTTrainer(Trainer):
         self._ema = [p.detach().clone() for p in self._trainable] if args.eval_ema_decay is not None else None
 
         _make_config_serialisable(denoiser)
+        #: Messages of pushes during training that failed (reported, then cleared, by the final `push_to_hub`).
+        self.failed_pushes: list[str] = []
         super().__init__(
             model=denoiser,
             args=args,
@@ -251,7 +263,10 @@ class DiffusionNFTTrainer(Trainer):
             )
         # Two adapters on one denoiser (official): "default" is trained, "old" samples rollouts and anchors the loss.
         denoiser.add_adapter(peft_config, adapter_name="default")
-        denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name="old")
+        with warnings.catch_warnings():
+            # peft warns that a second adapter makes "multiple adapters in the model": that is the design here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name="old")
         named = dict(denoiser.named_parameters())
         default_names = [n for n in named if ".default." in n and "lora_" in n]
         if not default_names:
@@ -603,6 +618,9 @@ class DiffusionNFTTrainer(Trainer):
 
     # ================================================================================================ saving
     def _save(self, output_dir: str | None = None, state_dict=None):
+        """Write the adapter in the diffusers format (or the fine-tuned denoiser's folder), `training_args.bin`, and
+        the model card with the last evaluation images beside it. `save_model()`, checkpoints and pushes all come
+        through here."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -618,23 +636,25 @@ class DiffusionNFTTrainer(Trainer):
             else:
                 denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial):
         checkpoint_dir = os.path.join(
             self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
-        super()._save_checkpoint(model, trial)
         if self.args.should_save:
             # What the diffusers LoRA file does not hold: the old policy, the exact trained weights (the LoRA file holds
-            # the EMA when one is kept) and the EMA itself.
+            # the EMA when one is kept) and the EMA itself. Written before Trainer's part, which pushes the folder
+            # (hub_strategy="checkpoint") at its end.
             from safetensors.torch import save_file
 
+            os.makedirs(checkpoint_dir, exist_ok=True)
             tensors = {f"trained.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._trainable)}
             tensors.update({f"old.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._old)})
             if self._ema is not None:
                 tensors.update({f"ema.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._ema)})
             save_file(tensors, os.path.join(checkpoint_dir, NFT_STATE_NAME))
-            self.create_model_card(output_dir=checkpoint_dir)
+        super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from safetensors.torch import load_file
@@ -651,30 +671,222 @@ class DiffusionNFTTrainer(Trainer):
                 for i, p in enumerate(params):
                     p.copy_(tensors[f"{prefix}.{i}"].to(p.device, p.dtype))
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
-        """Write `README.md` (diffusers LoRA card: base model, rewards, recipe, `load_lora_weights` snippet)."""
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ):
+        """Write `README.md` in `output_dir` (defaults to `args.output_dir`): a diffusers LoRA card with `base_model`,
+        licence, tags, a gallery of the last evaluation images (saved to `images/`), rewards, guidance, steps, the last
+        evaluation table, framework versions, the paper's citation and a snippet that loads the adapter from the
+        Hub repo (`hub_model_id`, or the repo `push_to_hub` created). `save_model()` calls this."""
         if not self.is_world_process_zero():
             return
-        output_dir = kwargs.pop("output_dir", None) or self.args.output_dir
+        output_dir = output_dir or self.args.output_dir
+        repo_id = self.hub_model_id or self.args.hub_model_id
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        samples = []
+        if self._last_eval_images is not None and self.args.num_eval_images_to_log:
+            from .utils import to_pil
+
+            images, captions = self._last_eval_images
+            n = min(CARD_IMAGES, self.args.num_eval_images_to_log, len(images))
+            samples = list(zip(to_pil(images[:n]), captions[:n], strict=True))
+        if model_name is None:
+            model_name = (repo_id or os.path.basename(os.path.normpath(self.args.output_dir))).split("/")[-1]
+        denoiser = self.adapter.denoiser
         write_model_card(
             output_dir,
             base_model=self.base_model_id,
             pipeline_class=type(self.pipeline).__name__,
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
-            hub_model_id=self.args.hub_model_id,
+            model_name=model_name,
+            repo_id=repo_id,
             reward_names=self.reward_func_names,
             reward_weights=self.reward_weights.tolist(),
             args=self.args,
             resolution=self.resolution,
             global_step=self.state.global_step,
             use_lora=self.use_lora,
-            dataset_name=dataset_name,
-            tags=list(self._tag_names) + list(tags or []),
+            denoiser_name=self.adapter.denoiser_name,
+            denoiser_class=type(getattr(denoiser, "base_model", denoiser)).__name__,
+            dataset_name=dataset_name if dataset_name is not None else getattr(self, "dataset_name", None),
+            tags=list(self._tag_names) + tags,
             log_history=self.state.log_history,
             example_prompt=self._example_prompt(),
             load_kwargs=dict.fromkeys(null_components(self.base_model_id)),
             call_kwargs=self.adapter.call_kwargs(self.args.max_sequence_length),
+            eval_samples=samples,
         )
+
+    # ================================================================================================ Hub
+    @property
+    def _hub_api(self):
+        from huggingface_hub import HfApi
+
+        # One HfApi per trainer: its single-worker executor runs the pushes during training one after another.
+        if getattr(self, "_hub_api_instance", None) is None:
+            self._hub_api_instance = HfApi(library_name="trl_nft")
+        return self._hub_api_instance
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create (or reuse) the Hub repo `hub_model_id` (defaults to the output folder's name in the token's
+        namespace) and record its full id in `self.hub_model_id`.
+
+        Raises:
+            `trl_nft.hub.PushToHubError`: the Hub refused the token or could not be reached (names the endpoint).
+        """
+        from .hub import create_repo
+
+        if not self.is_world_process_zero():
+            return
+        repo_name = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        self.hub_model_id = create_repo(
+            self._hub_api,
+            repo_name,
+            private=private if private is not None else self.args.hub_private_repo,
+            token=token if token is not None else self.args.hub_token,
+        )
+        self.push_in_progress = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push during training (each save, `push_to_hub=True`): the adapter, card and images of the checkpoint are
+        copied to `output_dir` and uploaded in the background; `hub_strategy="checkpoint"` also uploads the whole
+        checkpoint to `last-checkpoint/` (resumable). A failed upload is a logged warning; training goes on."""
+        from transformers.utils.hub import PushInProgress
+
+        from .hub import publish_patterns
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        import fnmatch
+        import shutil
+
+        output_dir = self.args.output_dir
+        patterns = publish_patterns(self.adapter.denoiser_name)
+        if os.path.isdir(os.path.join(output_dir, "images")):
+            shutil.rmtree(os.path.join(output_dir, "images"))
+        for root, _, files in os.walk(checkpoint_folder):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), checkpoint_folder).replace(os.sep, "/")
+                if any(fnmatch.fnmatch(rel, p) for p in patterns):
+                    os.makedirs(os.path.dirname(os.path.join(output_dir, rel)), exist_ok=True)
+                    shutil.copy2(os.path.join(root, name), os.path.join(output_dir, rel))
+        message = f"Training in progress, step {self.state.global_step}"
+        common = dict(repo_id=self.hub_model_id, token=self.args.hub_token, revision=self.args.hub_revision)
+        jobs = [
+            self._hub_api.upload_folder(
+                folder_path=output_dir,
+                allow_patterns=patterns,
+                commit_message=message,
+                run_as_future=True,
+                **common,
+            )
+        ]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            jobs.append(
+                self._hub_api.upload_folder(
+                    folder_path=checkpoint_folder,
+                    path_in_repo="last-checkpoint"
+                    if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                    else os.path.basename(checkpoint_folder),
+                    commit_message=message + ", checkpoint",
+                    run_as_future=True,
+                    **common,
+                )
+            )
+        for job in jobs:
+            job.add_done_callback(self._report_push)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    def _report_push(self, job) -> None:
+        from .hub import describe_error
+
+        err = job.exception()
+        if err is None:
+            return
+        message = describe_error(
+            err, api=self._hub_api, repo_id=self.hub_model_id, folder=self.args.output_dir, action="Pushing to"
+        )
+        self.failed_pushes.append(message)
+        logger.warning(f"{message}\nTraining continues; the next save or the final push_to_hub() uploads again.")
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Save the adapter and card and upload them (with the card's images) to `hub_model_id`, creating the repo if
+        needed. Checkpoint folders, `training_args.bin` and logs are not uploaded. Network errors and 5xx answers are
+        retried (`trl_nft.hub.PUSH_RETRY_WAITS`); pushes that failed during training are reported.
+
+        Args:
+            commit_message (`str`, defaults to `"End of training"`): the commit's message.
+            blocking (`bool`, defaults to `True`): `False` returns a `Future` (no retries).
+            token (`str`, *optional*): defaults to `args.hub_token`, then the logged-in token.
+            revision (`str`, *optional*): branch to push to; defaults to `args.hub_revision`.
+            private (`bool`, *optional*): visibility of a repo created here; defaults to `args.hub_private_repo`.
+            kwargs: passed to `create_model_card` (`model_name`, `dataset_name`, `tags`).
+
+        Returns:
+            `huggingface_hub.CommitInfo` (or a `Future` when `blocking=False`).
+
+        Raises:
+            `trl_nft.hub.PushToHubError`: naming the endpoint and repo; local files are never removed.
+        """
+        from .hub import publish_patterns, upload_run
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        self._finish_current_push()
+        revision = revision if revision is not None else self.args.hub_revision
+        if not blocking:
+            return self._hub_api.upload_folder(
+                repo_id=self.hub_model_id,
+                folder_path=self.args.output_dir,
+                allow_patterns=publish_patterns(self.adapter.denoiser_name),
+                commit_message=commit_message,
+                token=token,
+                revision=revision,
+                run_as_future=True,
+            )
+        info = upload_run(
+            self._hub_api,
+            self.args.output_dir,
+            self.hub_model_id,
+            commit_message=commit_message,
+            denoiser_name=self.adapter.denoiser_name,
+            token=token,
+            revision=revision,
+        )
+        failed = self.failed_pushes
+        if failed:
+            logger.warning(
+                f"{len(failed)} push(es) during training failed; this final push uploaded the current adapter and card: "
+                f"{info.commit_url}"
+            )
+            failed.clear()
+        else:
+            logger.info(f"Pushed to {info.commit_url}")
+        return info
 
     def _example_prompt(self) -> str:
         dataset = self.train_dataset

@@ -173,8 +173,13 @@ class WallClockProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=round(self.clock.max_seconds / 60, 2), unit="min", desc="NFT on shapes", ncols=110,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} min {postfix}")
+            self.bar = tqdm(
+                total=round(self.clock.max_seconds / 60, 2),
+                unit="min",
+                desc="NFT on shapes",
+                ncols=110,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} min {postfix}",
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "reward" in logs:
@@ -210,7 +215,9 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
         ax = axes[0][col]
         smoothed = len(train) >= 5
         raw_label = None if smoothed else "train reward"
-        ax.plot([r[x] for r in train], [r["reward"] for r in train], color="tab:blue", alpha=0.35, lw=1, label=raw_label)
+        ax.plot(
+            [r[x] for r in train], [r["reward"] for r in train], color="tab:blue", alpha=0.35, lw=1, label=raw_label
+        )
         if smoothed:
             k = max(1, len(train) // 20)
             smooth = [
