@@ -44,7 +44,7 @@ _OVER_BETA1_DEMO: dict[str, list[str]] = {
     "official_1step": ["--steps_per_generation", "1", "--per_device_train_batch_size", "128",
                        "--timestep_fraction", "0.99", "--kl_weight", "1e-4"],
     "num_iterations2": ["--num_iterations", "2"],
-    "plus_strict_reward": ["--rewards", "shapes,shapes_strict", "--reward_weights", "1.0", "1.0"],
+    "plus_strict_reward": ["--reward_funcs", "shapes", "shapes_strict", "--reward_weights", "1.0", "1.0"],
     "lr_linear_decay": ["--lr_scheduler_type", "linear", "--max_steps", "800"],
     "tag_mix": ["--tag_weights", "single_object=99,two_object=198,counting=24,colors=22,position=2,color_attr=14"],
     "inner8": ["--steps_per_generation", "8", "--per_device_train_batch_size", "16"],

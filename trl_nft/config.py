@@ -20,13 +20,8 @@ logger = logging.get_logger(__name__)
 
 
 def _has_accelerator() -> bool:
-    checks = (
-        is_torch_cuda_available,
-        is_torch_xla_available,
-        is_torch_mps_available,
-        is_torch_xpu_available,
-        is_torch_npu_available,
-    )
+    checks = (is_torch_cuda_available, is_torch_xla_available, is_torch_mps_available, is_torch_xpu_available,
+              is_torch_npu_available)
     return any(check() for check in checks)
 
 
@@ -247,9 +242,7 @@ class DiffusionNFTConfig(TrainingArguments):
             # Trainer allows bf16 without an accelerator only under `use_cpu`; CPU bf16 autocast is fast on
             # AVX512-BF16/AMX CPUs (the shapes demo uses it), so one config serves GPU and CPU-only machines alike.
             # A GPU without bf16 support still gets Trainer's own error.
-            logger.info(
-                "bf16=True on a machine with no accelerator: training on CPU with bf16 autocast (use_cpu=True)."
-            )
+            logger.info("bf16=True on a machine with no accelerator: training on CPU with bf16 autocast (use_cpu=True).")
             self.use_cpu = True
         super().__post_init__()
         self._check_nft_fields()

@@ -30,7 +30,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 class DemoArguments:
     """Options of the shapes demo (the training recipe itself is `DiffusionNFTConfig`, see the shipped YAML)."""
 
-    base_model: str = field(
+    model_name_or_path: str = field(
         default="shapes-base",
         metadata={"help": "Pipeline to fine-tune: 'shapes-base' (the base shipped in the package) or a local path."},
     )
@@ -43,9 +43,6 @@ class DemoArguments:
     heldout_per_tag: int = field(
         default=72, metadata={"help": "Held-out items per tag family (72 x 6 = 432 items, fixed prompts and seeds)."}
     )
-    eval_inference_steps: int = field(
-        default=10, metadata={"help": "Solver steps of the held-out evaluation (CFG-free, as the base is judged)."}
-    )
     tag_weights: str = field(
         default="balanced",
         metadata={
@@ -53,11 +50,11 @@ class DemoArguments:
             "equally often), or 'tag=N,tag=N' repeat counts per family (0 drops a family)."
         },
     )
-    rewards: str = field(
-        default="shapes",
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["shapes"],
         metadata={
-            "help": "Comma-separated built-in rewards: 'shapes' (partial credit) and/or 'shapes_strict' (all "
-            "constraints met); weigh them with `reward_weights`."
+            "help": "Rewards: 'shapes' (partial credit) and/or 'shapes_strict' (all constraints met), or dotted paths "
+            "'module:function'; weigh them with `reward_weights`."
         },
     )
     num_sample_images: int = field(default=24, metadata={"help": "Held-out items shown in samples.png."})
@@ -173,13 +170,8 @@ class WallClockProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(
-                total=round(self.clock.max_seconds / 60, 2),
-                unit="min",
-                desc="NFT on shapes",
-                ncols=110,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} min {postfix}",
-            )
+            self.bar = tqdm(total=round(self.clock.max_seconds / 60, 2), unit="min", desc="NFT on shapes", ncols=110,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} min {postfix}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "reward" in logs:
@@ -215,9 +207,7 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
         ax = axes[0][col]
         smoothed = len(train) >= 5
         raw_label = None if smoothed else "train reward"
-        ax.plot(
-            [r[x] for r in train], [r["reward"] for r in train], color="tab:blue", alpha=0.35, lw=1, label=raw_label
-        )
+        ax.plot([r[x] for r in train], [r["reward"] for r in train], color="tab:blue", alpha=0.35, lw=1, label=raw_label)
         if smoothed:
             k = max(1, len(train) // 20)
             smooth = [
@@ -293,25 +283,25 @@ def samples_figure(before: torch.Tensor, after: torch.Tensor, items, before_ok, 
 def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
     from ..trainer import DiffusionNFTTrainer
     from .judge import format_table
-    from .pretrain import load_base_pipeline, resolve_base_path
+    from .pretrain import load_base_pipeline
     from .world import make_dataset
 
     out = training_args.output_dir
     items = heldout_items(n_per_tag=demo_args.heldout_per_tag)
     trainer = DiffusionNFTTrainer(
-        load_base_pipeline(demo_args.base_model),
-        [name.strip() for name in demo_args.rewards.split(",")],
+        load_base_pipeline(demo_args.model_name_or_path),
+        demo_args.reward_funcs,
         args=training_args,
         train_dataset=make_dataset("train", tag_weights=parse_tag_weights(demo_args.tag_weights)),
     )
-    trainer.base_model_id = resolve_base_path(demo_args.base_model)
+    trainer.base_model_id = demo_args.model_name_or_path
     callback = HeldoutEvalCallback(
         trainer,
         items,
         out,
         every_seconds=demo_args.eval_every_minutes * 60,
         max_seconds=demo_args.max_minutes * 60,
-        steps=demo_args.eval_inference_steps,
+        steps=training_args.eval_num_inference_steps,
     )
     trainer.add_callback(callback)
     if not training_args.disable_tqdm:
@@ -351,7 +341,7 @@ def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
     trainer.create_model_card(dataset_name=None)
     with open(os.path.join(out, "README.md"), "a") as f:
         f.write(
-            "\n## Held-out evaluation (shapes world, strict, 10-step CFG-free)\n\n"
+            f"\n## Held-out evaluation (shapes world, strict, {training_args.eval_num_inference_steps}-step CFG-free)\n\n"
             f"{len(items)} fixed (prompt, seed) items; overall = mean of the six per-tag accuracies (GenEval's rule).\n\n"
             "| tag | base | trained |\n|---|---|---|\n"
             + "".join(f"| {t} | {before_table[t]:.3f} | {after_table[t]:.3f} |\n" for t in (*TAGS, "overall"))
