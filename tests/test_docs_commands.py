@@ -3,7 +3,7 @@
 The commands of each page run in order in one scratch folder holding a copy of `examples/` (so `cd examples` and
 `--lora shapes-demo` after the demo work as they do for a reader). Training commands get the smoke flags that
 docs/cli.md documents ("Smoke-testing a command"), so they finish in seconds on the shipped tiny base; `push` talks to
-the loopback Hub server.
+the loopback Hub server. The console script's subprocess path is covered by tests/test_cli.py.
 """
 
 import os
@@ -51,18 +51,20 @@ def test_docs_list_the_smoke_flags_the_test_uses():
     assert " ".join(SMOKE_TRAIN) in cli_doc
 
 
-def test_every_cli_example_runs_as_written(tmp_path):
+def test_every_cli_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+
+    from trl_nft.cli import main
+
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     bin_dir = os.path.dirname(sys.executable)
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "HF_HUB_OFFLINE": "1",
-        "HF_TOKEN": "hf_loopback_test_token",
-        "ACCELERATE_USE_CPU": "true",
-    }
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # `train` adds the working directory, as TRL's scripts do
     done = set()  # pages repeat some commands (README and shapes_world.md): each distinct one runs once
     with LoopbackHub() as hub:
+        # `trl-nft` commands run in this process through the console script's `main` (one interpreter start instead
+        # of ten); `accelerate launch` runs as a real launcher subprocess.
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
         for page in PAGES:
             for block in doc_blocks(page):
                 cwd = tmp_path  # each block starts where the reader's shell does: the folder of the docs' commands
@@ -73,20 +75,24 @@ def test_every_cli_example_runs_as_written(tmp_path):
                         continue
                     if (cwd, command) in done:
                         continue
+                    monkeypatch.chdir(cwd)
                     if argv[0] == "accelerate":
-                        argv = [os.path.join(bin_dir, "accelerate"), *argv[1:]]
                         sub = argv[argv.index("trl_nft.cli") + 1]
+                        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+                        proc = subprocess.run(
+                            [os.path.join(bin_dir, "accelerate"), *argv[1:], *SMOKE[sub]],
+                            env={**env, "ACCELERATE_USE_CPU": "true"},
+                            capture_output=True,
+                            text=True,
+                            timeout=600,
+                        )
+                        assert proc.returncode == 0, f"{page}: `{command}` failed:\n{proc.stderr[-3000:]}"
                     else:
-                        argv = [shutil.which("trl-nft", path=bin_dir) or "trl-nft", *argv[1:]]
                         sub = argv[1] if len(argv) > 1 else ""
-                    run_env = env
-                    if sub == "push":
-                        run_env = {**env, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"}
-                    proc = subprocess.run(
-                        [*argv, *SMOKE.get(sub, [])], cwd=cwd, env=run_env, capture_output=True, text=True, timeout=600
-                    )
-                    assert proc.returncode == 0, f"{page}: `{command}` failed:\n{proc.stderr[-3000:]}"
+                        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", sub != "push")
+                        assert main([*argv[1:], *SMOKE.get(sub, [])]) == 0, f"{page}: `{command}` failed"
                     done.add((cwd, command))
         assert [c["repo_id"] for c in hub.state.commits] == ["USER/sd35-nft-saturation"]
+    assert "- trl_nft version:" in capsys.readouterr().out  # `trl-nft env`
     subcommands = {shlex.split(c)[1] if c.startswith("trl-nft") else "accelerate" for _, c in done}
     assert subcommands >= {"train", "demo", "eval", "push", "env", "accelerate"}, subcommands
