@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
-from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import logging
 
@@ -47,6 +46,9 @@ logger = logging.get_logger(__name__)
 NFT_STATE_NAME = "nft_state.safetensors"
 #: Evaluation images saved next to the card as its gallery (at most this many).
 CARD_IMAGES = 8
+#: Tracker keys of the image grids `log_images` sends.
+EVAL_IMAGES_KEY = "eval/samples"
+ROLLOUT_IMAGES_KEY = "train/rollout_samples"
 
 
 def _identity(batch):
@@ -76,9 +78,16 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def __init__(self, trainer: DiffusionNFTTrainer):
         self.trainer = trainer
+        self.step_start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
+        if self.step_start is not None:
+            # As GRPO's `step_time`: one optimizer step, its rollout (when it has one) included.
+            self.trainer._metrics["train"]["step_time"].append(time.perf_counter() - self.step_start)
 
 
 class DiffusionNFTTrainer(Trainer):
@@ -232,6 +241,7 @@ class DiffusionNFTTrainer(Trainer):
         self._buffered_inputs: list[dict[str, Any]] | None = None
         self._rollout_grid: torch.Tensor | None = None
         self._last_eval_images: tuple[torch.Tensor, list[str]] | None = None
+        self._pending_rollout_images: tuple[torch.Tensor, list[str]] | None = None
 
     # ================================================================================================ setup helpers
     @staticmethod
@@ -322,10 +332,20 @@ class DiffusionNFTTrainer(Trainer):
                     p.copy_(b)
 
     @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    @contextlib.contextmanager
     def evaluation_weights(self):
         """The weights that evaluations and saved adapters use: the trained policy, or its EMA when `eval_ema_decay`
-        is set. Yields the pipeline; callers that sample outside `evaluate` (the shapes demo) use this too."""
-        with self._policy("default"), self._ema_weights():
+        is set, in eval mode (so `log()` inside it logs an evaluation). Yields the pipeline; callers that sample
+        outside `evaluate` (the shapes demo) use this too."""
+        with self._policy("default"), self._ema_weights(), self._eval_mode():
             yield self.pipeline
 
     def _after_optimizer_step(self):
@@ -336,7 +356,7 @@ class DiffusionNFTTrainer(Trainer):
         if step % self.args.optimizer_steps_per_generation == 0:
             eta = float(self._decay_schedule(step))
             core.soft_update_(self._old, self._trainable, eta)
-            self._metrics["train"]["old_decay"].append(eta)
+            self._metrics["train"]["old_policy/decay"].append(eta)
 
     # ================================================================================================ data
     def get_train_dataloader(self):
@@ -435,8 +455,15 @@ class DiffusionNFTTrainer(Trainer):
         metrics = self._metrics["train"]
         self._log_reward_metrics(metrics, all_rewards, rewards)
         metrics["frac_reward_zero_std"].append(stats.frac_zero_std)
-        metrics["images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
-        metrics["x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
+        metrics["samples/images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
+        metrics["samples/x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
+        n_log = min(self.args.num_rollout_images_to_log, n)
+        if n_log and self.is_world_process_zero():
+            own_rewards, own_r = rewards[own], r[own]
+            self._pending_rollout_images = (
+                images[:n_log].cpu(),
+                [f"R={own_rewards[i]:.3f} r={own_r[i]:.2f} {prompts[i]}" for i in range(n_log)],
+            )
         return {"x0": x0, "r": r[own].to(x0.device), **cond}
 
     def _log_reward_metrics(self, metrics, rewards_per_func: torch.Tensor, rewards: torch.Tensor):
@@ -525,13 +552,14 @@ class DiffusionNFTTrainer(Trainer):
         metrics = self._metrics["train"]
         metrics["policy_loss"].append(out.policy_loss.item())
         metrics["kl"].append(out.kl.item())
-        metrics["old_deviate"].append(out.old_deviate.item())
+        metrics["old_policy/deviation"].append(out.old_deviate.item())
         self._step += 1
         return loss.detach()
 
     # ================================================================================================ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        # As TRL: the model's mode says whose buffered metrics these logs close (evaluate() runs in eval mode).
+        mode = "train" if self.model.training else "eval"
         metrics = {}
         for key, values in self._metrics[mode].items():
             valid = [v for v in values if not math.isnan(v)]
@@ -541,6 +569,10 @@ class DiffusionNFTTrainer(Trainer):
         logs = {**logs, **metrics}
         super().log(logs, start_time)
         self._metrics[mode].clear()
+        if mode == "train" and self._pending_rollout_images is not None:
+            images, captions = self._pending_rollout_images
+            self._pending_rollout_images = None
+            self.log_images(ROLLOUT_IMAGES_KEY, images, captions)
 
     # ================================================================================================ evaluation
     @torch.no_grad()
@@ -589,32 +621,38 @@ class DiffusionNFTTrainer(Trainer):
             metrics[f"{metric_key_prefix}_{key}"] = sum(valid) / len(valid) if valid else None
         self._metrics["eval"].clear()
         metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
-        self._last_eval_images = (torch.cat(all_images), all_prompts)
-        self.log(metrics)
-        self._log_eval_images()
+        with self._eval_mode():
+            self.log(metrics)
+        n = self.args.num_eval_images_to_log
+        if n:
+            self.log_images(EVAL_IMAGES_KEY, torch.cat(all_images)[:n], all_prompts[:n])
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _log_eval_images(self):
-        """Send a captioned grid of the first evaluation images to the trackers (as TRL's DDPO image hook did)."""
-        n = self.args.num_eval_images_to_log
-        if not n or self._last_eval_images is None or not self.is_world_process_zero():
+    def log_images(self, key: str, images, captions: list[str]) -> None:
+        """Send a captioned grid of `images` to every tracker in `report_to` (TensorBoard, W&B, trackio) at the
+        current step, then call `on_log_images(args, state, control, key=, images=, captions=, grid=)` on every
+        callback that defines it (the hook for other sinks). Images logged under `eval/samples` also become the
+        model card's gallery. Main process only.
+
+        Args:
+            key (`str`): the tracker's name for the image, e.g. `eval/samples` or `train/rollout_samples`.
+            images (`torch.Tensor` of shape `[B, 3, H, W]` in [0, 1], or a list of PIL images).
+            captions (`list[str]`): one caption per image (prompt, reward, ...).
+        """
+        if not self.is_world_process_zero() or len(images) == 0:
             return
+        from .tracking import log_image_to_trackers
         from .utils import image_grid
 
-        images, prompts = self._last_eval_images
-        grid = image_grid(images[:n], prompts[:n])
-        import numpy as np
-
-        array = np.asarray(grid)
+        if key == EVAL_IMAGES_KEY and isinstance(images, torch.Tensor):
+            self._last_eval_images = (images, list(captions))
+        grid = image_grid(images, list(captions))
+        log_image_to_trackers(self.callback_handler.callbacks, key, grid, self.state.global_step)
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-                callback.tb_writer.add_image("eval/samples", array, self.state.global_step, dataformats="HWC")
-                callback.tb_writer.flush()
-            elif type(callback).__name__ == "WandbCallback" and getattr(
-                getattr(callback, "_wandb", None), "run", None
-            ):
-                callback._wandb.log({"eval/samples": callback._wandb.Image(grid)}, commit=False)
+            hook = getattr(callback, "on_log_images", None)
+            if hook is not None:
+                hook(self.args, self.state, self.control, key=key, images=images, captions=list(captions), grid=grid)
 
     # ================================================================================================ saving
     def _save(self, output_dir: str | None = None, state_dict=None):
