@@ -278,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ("demo", "eval"):
+        from .utils import require_shapes_extra
+
+        try:
+            require_shapes_extra(f"trl-nft {command}")
+        except ImportError as err:
+            print(f"trl-nft {command}: error: {err}", file=sys.stderr)
+            return 1
     if command == "train":
         from trl import TrlParser
 
