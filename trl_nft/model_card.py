@@ -263,7 +263,13 @@ def write_model_card(
         **base.license,
     )
     guidance = args.eval_guidance_scale if args.eval_guidance_scale is not None else args.guidance_scale
-    call = "".join(f", {k}={v!r}" for k, v in (call_kwargs or {}).items())
+    # The family's own sampling arguments (call_kwargs) win: for some families guidance is another argument.
+    call_args = {
+        "guidance_scale": guidance,
+        "num_inference_steps": args.eval_num_inference_steps,
+        **(call_kwargs or {}),
+    }
+    call = "".join(f", {k}={v!r}" for k, v in call_args.items())
     snippet = [base.import_line]
     if not use_lora:
         snippet.append(f"from diffusers import {denoiser_class}")
@@ -274,9 +280,7 @@ def write_model_card(
         snippet.append(
             f'pipe.{denoiser_name} = {denoiser_class}.from_pretrained(repo_id, subfolder="{denoiser_name}")'
         )
-    snippet.append(
-        f"image = pipe({example_prompt!r}, guidance_scale={guidance}, num_inference_steps={args.eval_num_inference_steps}{call}).images[0]"
-    )
+    snippet.append(f"image = pipe({example_prompt!r}{call}).images[0]")
     eval_table, eval_step, train_table, train_step = _last_tables(log_history)
     card = ModelCard.from_template(
         card_data,
