@@ -96,3 +96,22 @@ def test_every_cli_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert "- trl_nft version:" in capsys.readouterr().out  # `trl-nft env`
     subcommands = {shlex.split(c)[1] if c.startswith("trl-nft") else "accelerate" for _, c in done}
     assert subcommands >= {"train", "demo", "eval", "push", "env", "accelerate"}, subcommands
+
+
+def test_api_reference_is_up_to_date():
+    import runpy
+
+    build_api = runpy.run_path(str(ROOT / "docs" / "build_api.py"))
+    assert build_api["main"](["--check"]) == 0, "run `python docs/build_api.py`"
+
+
+def test_trainer_page_quick_start_runs(tmp_path, monkeypatch):
+    code = re.search(
+        r"## Quick start\n\n```python\n(.*?)```", (ROOT / "docs" / "diffusion_nft_trainer.md").read_text(), re.S
+    )
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code.group(1), "diffusion_nft_trainer.md", "exec"), scope)
+    assert scope["trainer"].state.global_step == 5
+    assert (tmp_path / "shapes-red" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "shapes-red" / "README.md").is_file()
