@@ -43,13 +43,15 @@ def test_minimal_config_runs(tiny_pipe, tmp_path):
         "rewards/brightness/std",
         "kl",
         "frac_reward_zero_std",
-        "old_deviate",
-        "x0_norm",
-        "old_decay",
-        "images_per_second",
+        "old_policy/deviation",
+        "old_policy/decay",
+        "samples/x0_norm",
+        "samples/images_per_second",
+        "step_time",
     ):
         assert key in logged and logged[key] is not None and math.isfinite(logged[key]), key
-    assert logged["old_decay"] == pytest.approx(0.001)  # paper: eta_1 = min(0.001 * 1, 0.5)
+    assert logged["old_policy/decay"] == pytest.approx(0.001)  # paper: eta_1 = min(0.001 * 1, 0.5)
+    assert logged["step_time"] > 0
 
 
 def test_training_changes_only_the_lora_adapters(tiny_pipe, tmp_path):
@@ -298,30 +300,69 @@ def test_string_model_is_loaded_with_from_pretrained(tiny_pipe, tmp_path):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
-def test_eval_images_and_metrics_reach_tensorboard(tiny_pipe, tmp_path, monkeypatch):
+def test_rollout_and_eval_images_reach_tensorboard_and_the_public_hook(tiny_pipe, tmp_path, monkeypatch):
+    import warnings
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainerCallback
 
     from trl_nft import DiffusionNFTTrainer
 
+    class Gallery(TrainerCallback):
+        def __init__(self):
+            self.calls = []
+
+        def on_log_images(self, args, state, control, key, images, captions, grid, **kwargs):
+            self.calls.append((key, state.global_step, len(images), captions, grid.size))
+
+    gallery = Gallery()
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     args = tiny_config(
-        tmp_path, max_steps=1, report_to=["tensorboard"], eval_strategy="steps", eval_steps=1, num_eval_images_to_log=4
+        tmp_path,
+        max_steps=1,
+        report_to=["tensorboard"],
+        eval_strategy="steps",
+        eval_steps=1,
+        num_eval_images_to_log=4,
+        num_rollout_images_to_log=4,
     )
-    trainer = DiffusionNFTTrainer(
-        tiny_pipe,
-        "brightness",
-        args=args,
-        train_dataset=[{"prompt": p} for p in PROMPTS],
-        eval_dataset=[{"prompt": p} for p in PROMPTS],
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = DiffusionNFTTrainer(
+            tiny_pipe,
+            "brightness",
+            args=args,
+            train_dataset=[{"prompt": p} for p in PROMPTS],
+            eval_dataset=[{"prompt": p} for p in PROMPTS],
+            callbacks=[gallery],
+        )
+    assert not [w for w in caught if "multiple adapters" in str(w.message)]  # the second adapter is by design
     trainer.train()  # eval_strategy="steps" runs evaluate() after step 1, as in any Trainer
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    assert "eval/samples" in events.Tags()["images"]
+    assert {"eval/samples", "train/rollout_samples"} <= set(events.Tags()["images"])
     image = events.Images("eval/samples")[-1]
     assert image.step == 1 and image.width >= 4 * 32 and image.height >= 32
+    assert events.Images("train/rollout_samples")[-1].step == 1
     scalars = events.Tags()["scalars"]
-    assert "eval/reward" in scalars and "train/reward" in scalars and "train/old_deviate" in scalars
+    assert {"eval/reward", "train/reward", "train/old_policy/deviation", "train/step_time"} <= set(scalars)
+    keys = [call[0] for call in gallery.calls]
+    assert keys == ["train/rollout_samples", "eval/samples"]
+    rollout = gallery.calls[0]
+    assert rollout[2] == 4 and all(c.startswith("R=") and " r=" in c for c in rollout[3])
+    assert gallery.calls[1][3] == PROMPTS[:4]
+
+
+def test_log_mode_follows_the_model_mode(tiny_pipe, tmp_path):
+    """An evaluation under another prefix is still logged as an evaluation and leaves the training window alone."""
+    trainer = _trainer(tiny_pipe, tmp_path, max_steps=1)
+    trainer.eval_dataset = trainer._as_dataset([{"prompt": p} for p in PROMPTS[:2]], "eval_dataset")
+    trainer.model.train()
+    trainer._metrics["train"]["reward"].append(0.5)
+    metrics = trainer.evaluate(metric_key_prefix="test")
+    assert "test_reward" in metrics and trainer.model.training
+    assert trainer._metrics["train"]["reward"] == [0.5]
+    assert "reward" not in trainer.state.log_history[-1]
 
 
 def test_bf16_on_a_cpu_only_machine_means_cpu_autocast(tmp_path):

@@ -258,6 +258,14 @@ class DiffusionNFTConfig(TrainingArguments):
     num_eval_images_to_log: int = field(
         default=16, metadata={"help": "Evaluation images sent to the trackers as a captioned grid (0: none)."}
     )
+    num_rollout_images_to_log: int = field(
+        default=8,
+        metadata={
+            "help": "Rollout images (the first prompts' groups, captioned with reward R, optimality probability r and "
+            "prompt) sent to the trackers as `train/rollout_samples` at each logging step that follows a rollout "
+            "(0: none)."
+        },
+    )
 
     # ---------------------------------------------------------------- the model, robustness
     model_init_kwargs: dict | str | None = field(

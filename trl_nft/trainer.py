@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
-from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy, rotate_checkpoints
 from transformers.utils import logging
 
 from . import _checkpoint, core
@@ -53,6 +52,11 @@ logger = logging.get_logger(__name__)
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
+#: Evaluation images saved next to the card as its gallery (at most this many).
+CARD_IMAGES = 8
+#: Tracker keys of the image grids `log_images` sends.
+EVAL_IMAGES_KEY = "eval/samples"
+ROLLOUT_IMAGES_KEY = "train/rollout_samples"
 
 
 def _identity(batch):
@@ -82,9 +86,16 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def __init__(self, trainer: DiffusionNFTTrainer):
         self.trainer = trainer
+        self.step_start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
+        if self.step_start is not None:
+            # As GRPO's `step_time`: one optimizer step, its rollout (when it has one) included.
+            self.trainer._metrics["train"]["step_time"].append(time.perf_counter() - self.step_start)
 
 
 class _NonFiniteGuard(TrainerCallback):
@@ -152,8 +163,12 @@ class DiffusionNFTTrainer(Trainer):
             init (official: r=32, alpha=64).
     """
 
-    _tag_names = ("trl_nft", "diffusion-nft", "diffusers", "text-to-image", "lora")
+    _tag_names = ["trl", "trl_nft", "diffusion-nft", "diffusers", "text-to-image"]
     _name = "DiffusionNFT"
+    _paper = {
+        "title": "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",
+        "id": "2509.16117",
+    }
 
     def __init__(
         self,
@@ -262,6 +277,8 @@ class DiffusionNFTTrainer(Trainer):
             self._setup_gradient_checkpointing(denoiser, args)
 
         _make_config_serialisable(denoiser)
+        #: Messages of pushes during training that failed (reported, then cleared, by the final `push_to_hub`).
+        self.failed_pushes: list[str] = []
         super().__init__(
             model=denoiser,
             args=args,
@@ -300,6 +317,7 @@ class DiffusionNFTTrainer(Trainer):
         self._buffered_inputs: list[dict[str, Any]] | None = None
         self._rollout_grid: torch.Tensor | None = None
         self._last_eval_images: tuple[torch.Tensor, list[str]] | None = None
+        self._pending_rollout_images: tuple[torch.Tensor, list[str]] | None = None
 
     # ================================================================================================ setup helpers
     @staticmethod
@@ -347,7 +365,10 @@ class DiffusionNFTTrainer(Trainer):
             )
         # Two adapters on one denoiser (official): "default" is trained, "old" samples rollouts and anchors the loss.
         denoiser.add_adapter(peft_config, adapter_name="default")
-        denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name="old")
+        with warnings.catch_warnings():
+            # peft warns that a second adapter makes "multiple adapters in the model": that is the design here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name="old")
         named = dict(denoiser.named_parameters())
         default_names = [n for n in named if ".default." in n and "lora_" in n]
         if not default_names:
@@ -464,7 +485,8 @@ class DiffusionNFTTrainer(Trainer):
     @contextlib.contextmanager
     def evaluation_weights(self):
         """The weights that evaluations and saved adapters use: the trained policy, or its EMA when `eval_ema_decay`
-        is set. Yields the pipeline; callers that sample outside `evaluate` (the shapes demo) use this too."""
+        is set, in eval mode (so `log()` inside it logs an evaluation). Yields the pipeline; callers that sample
+        outside `evaluate` (the shapes demo) use this too."""
         with self._policy("default") as denoiser, self._ema_weights(), eval_mode(denoiser):
             yield self.pipeline
 
@@ -482,7 +504,7 @@ class DiffusionNFTTrainer(Trainer):
         if step % self.args.optimizer_steps_per_generation == 0:
             eta = float(self._decay_schedule(step))
             core.soft_update_(self._old, self._trainable, eta)
-            self._metrics["train"]["old_decay"].append(eta)
+            self._metrics["train"]["old_policy/decay"].append(eta)
 
     # ================================================================================================ data
     def get_train_dataloader(self):
@@ -593,8 +615,15 @@ class DiffusionNFTTrainer(Trainer):
         metrics = self._metrics["train"]
         self._log_reward_metrics(metrics, all_rewards, rewards)
         metrics["frac_reward_zero_std"].append(stats.frac_zero_std)
-        metrics["images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
-        metrics["x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
+        metrics["samples/images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
+        metrics["samples/x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
+        n_log = min(self.args.num_rollout_images_to_log, n)
+        if n_log and self.is_world_process_zero():
+            own_rewards, own_r = rewards[own], r[own]
+            self._pending_rollout_images = (
+                images[:n_log].cpu(),
+                [f"R={own_rewards[i]:.3f} r={own_r[i]:.2f} {prompts[i]}" for i in range(n_log)],
+            )
         return {"x0": x0, "r": r[own].to(x0.device), "prompts": prompts}
 
     def _log_reward_metrics(self, metrics, rewards_per_func: torch.Tensor, rewards: torch.Tensor):
@@ -762,13 +791,14 @@ class DiffusionNFTTrainer(Trainer):
         metrics = self._metrics["train"]
         metrics["policy_loss"].append(out.policy_loss.item())
         metrics["kl"].append(out.kl.item())
-        metrics["old_deviate"].append(out.old_deviate.item())
+        metrics["old_policy/deviation"].append(out.old_deviate.item())
         self._step += 1
         return loss.detach()
 
     # ================================================================================================ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        # As TRL: the model's mode says whose buffered metrics these logs close (evaluate() runs in eval mode).
+        mode = "train" if self.model.training else "eval"
         metrics = {}
         for key, values in self._metrics[mode].items():
             valid = [v for v in values if not math.isnan(v)]
@@ -778,6 +808,10 @@ class DiffusionNFTTrainer(Trainer):
         logs = {**logs, **metrics}
         super().log(logs, start_time)
         self._metrics[mode].clear()
+        if mode == "train" and self._pending_rollout_images is not None:
+            images, captions = self._pending_rollout_images
+            self._pending_rollout_images = None
+            self.log_images(ROLLOUT_IMAGES_KEY, images, captions)
 
     # ================================================================================================ evaluation
     @torch.no_grad()
@@ -830,34 +864,44 @@ class DiffusionNFTTrainer(Trainer):
         self._metrics["eval"].clear()
         metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
         self._last_eval_images = (torch.cat(all_images), all_prompts) if all_images else None
-        self.log(metrics)
-        self._log_eval_images()
+        with eval_mode(self.model):
+            self.log(metrics)
+        n = self.args.num_eval_images_to_log
+        if n and all_images:
+            self.log_images(EVAL_IMAGES_KEY, torch.cat(all_images)[:n], all_prompts[:n])
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _log_eval_images(self):
-        """Send a captioned grid of the first evaluation images to the trackers (as TRL's DDPO image hook did)."""
-        n = self.args.num_eval_images_to_log
-        if not n or self._last_eval_images is None or not self.is_world_process_zero():
+    def log_images(self, key: str, images, captions: list[str]) -> None:
+        """Send a captioned grid of `images` to every tracker in `report_to` (TensorBoard, W&B, trackio) at the
+        current step, then call `on_log_images(args, state, control, key=, images=, captions=, grid=)` on every
+        callback that defines it (the hook for other sinks). Images logged under `eval/samples` also become the
+        model card's gallery. Main process only.
+
+        Args:
+            key (`str`): the tracker's name for the image, e.g. `eval/samples` or `train/rollout_samples`.
+            images (`torch.Tensor` of shape `[B, 3, H, W]` in [0, 1], or a list of PIL images).
+            captions (`list[str]`): one caption per image (prompt, reward, ...).
+        """
+        if not self.is_world_process_zero() or len(images) == 0:
             return
+        from .tracking import log_image_to_trackers
         from .utils import image_grid
 
-        images, prompts = self._last_eval_images
-        grid = image_grid(images[:n], prompts[:n])
-        import numpy as np
-
-        array = np.asarray(grid)
+        if key == EVAL_IMAGES_KEY and isinstance(images, torch.Tensor):
+            self._last_eval_images = (images, list(captions))
+        grid = image_grid(images, list(captions))
+        log_image_to_trackers(self.callback_handler.callbacks, key, grid, self.state.global_step)
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-                callback.tb_writer.add_image("eval/samples", array, self.state.global_step, dataformats="HWC")
-                callback.tb_writer.flush()
-            elif type(callback).__name__ == "WandbCallback" and getattr(
-                getattr(callback, "_wandb", None), "run", None
-            ):
-                callback._wandb.log({"eval/samples": callback._wandb.Image(grid)}, commit=False)
+            hook = getattr(callback, "on_log_images", None)
+            if hook is not None:
+                hook(self.args, self.state, self.control, key=key, images=images, captions=list(captions), grid=grid)
 
     # ================================================================================================ saving
     def _save(self, output_dir: str | None = None, state_dict=None):
+        """Write the adapter in the diffusers format (or the fine-tuned denoiser's folder), `training_args.bin`, and
+        the model card with the last evaluation images beside it. `save_model()`, checkpoints and pushes all come
+        through here."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -879,6 +923,7 @@ class DiffusionNFTTrainer(Trainer):
             else:
                 denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint plus the NFT state, written atomically: into `.tmp-checkpoint-N`, flushed, renamed."""
@@ -1096,30 +1141,227 @@ class DiffusionNFTTrainer(Trainer):
                 "files are corrupt: resume from an earlier checkpoint, or delete this one."
             ) from err
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
-        """Write `README.md` (diffusers LoRA card: base model, rewards, recipe, `load_lora_weights` snippet)."""
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ):
+        """Write `README.md` in `output_dir` (defaults to `args.output_dir`): a diffusers LoRA card with `base_model`,
+        licence, tags, a gallery of the last evaluation images (saved to `images/`), rewards, guidance, steps, the last
+        evaluation table, framework versions, the paper's citation and a snippet that loads the adapter from the
+        Hub repo (`hub_model_id`, or the repo `push_to_hub` created). `save_model()` calls this."""
         if not self.is_world_process_zero():
             return
-        output_dir = kwargs.pop("output_dir", None) or self.args.output_dir
+        output_dir = output_dir or self.args.output_dir
+        repo_id = self.hub_model_id or self.args.hub_model_id
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        samples = []
+        if self._last_eval_images is not None and self.args.num_eval_images_to_log:
+            from .utils import to_pil
+
+            images, captions = self._last_eval_images
+            n = min(CARD_IMAGES, self.args.num_eval_images_to_log, len(images))
+            samples = list(zip(to_pil(images[:n]), captions[:n], strict=True))
+        if model_name is None:
+            model_name = (repo_id or os.path.basename(os.path.normpath(self.args.output_dir))).split("/")[-1]
+        denoiser = self.adapter.denoiser
         write_model_card(
             output_dir,
             base_model=self.base_model_id,
             pipeline_class=type(self.pipeline).__name__,
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
-            hub_model_id=self.args.hub_model_id,
+            model_name=model_name,
+            repo_id=repo_id,
             reward_names=self.reward_func_names,
             reward_weights=self.reward_weights.tolist(),
             args=self.args,
             resolution=self.resolution,
             global_step=self.state.global_step,
             use_lora=self.use_lora,
-            dataset_name=dataset_name,
-            tags=list(self._tag_names) + list(tags or []),
+            denoiser_name=self.adapter.denoiser_name,
+            denoiser_class=type(getattr(denoiser, "base_model", denoiser)).__name__,
+            dataset_name=dataset_name if dataset_name is not None else getattr(self, "dataset_name", None),
+            tags=list(self._tag_names) + tags,
             log_history=self.state.log_history,
             example_prompt=self._example_prompt(),
             load_kwargs=dict.fromkeys(null_components(self.base_model_id)),
-            call_kwargs=self.adapter.call_kwargs(self.args.max_sequence_length, self.args.guidance_scale),
+            call_kwargs=self.adapter.call_kwargs(
+                self.args.max_sequence_length,
+                self.args.eval_guidance_scale
+                if self.args.eval_guidance_scale is not None
+                else self.args.guidance_scale,
+            ),
+            eval_samples=samples,
         )
+
+    # ================================================================================================ Hub
+    @property
+    def _hub_api(self):
+        from huggingface_hub import HfApi
+
+        # One HfApi per trainer: its single-worker executor runs the pushes during training one after another.
+        if getattr(self, "_hub_api_instance", None) is None:
+            self._hub_api_instance = HfApi(library_name="trl_nft")
+        return self._hub_api_instance
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create (or reuse) the Hub repo `hub_model_id` (defaults to the output folder's name in the token's
+        namespace) and record its full id in `self.hub_model_id`.
+
+        Raises:
+            `trl_nft.hub.PushToHubError`: the Hub refused the token or could not be reached (names the endpoint).
+        """
+        from .hub import create_repo
+
+        if not self.is_world_process_zero():
+            return
+        repo_name = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        self.hub_model_id = create_repo(
+            self._hub_api,
+            repo_name,
+            private=private if private is not None else self.args.hub_private_repo,
+            token=token if token is not None else self.args.hub_token,
+        )
+        self.push_in_progress = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push during training (each save, `push_to_hub=True`): the adapter, card and images of the checkpoint are
+        copied to `output_dir` and uploaded in the background; `hub_strategy="checkpoint"` also uploads the whole
+        checkpoint to `last-checkpoint/` (resumable). A failed upload is a logged warning; training goes on."""
+        from transformers.utils.hub import PushInProgress
+
+        from .hub import publish_patterns
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        import fnmatch
+        import shutil
+
+        output_dir = self.args.output_dir
+        patterns = publish_patterns(self.adapter.denoiser_name)
+        if os.path.isdir(os.path.join(output_dir, "images")):
+            shutil.rmtree(os.path.join(output_dir, "images"))
+        for root, _, files in os.walk(checkpoint_folder):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), checkpoint_folder).replace(os.sep, "/")
+                if any(fnmatch.fnmatch(rel, p) for p in patterns):
+                    os.makedirs(os.path.dirname(os.path.join(output_dir, rel)), exist_ok=True)
+                    shutil.copy2(os.path.join(root, name), os.path.join(output_dir, rel))
+        message = f"Training in progress, step {self.state.global_step}"
+        common = dict(repo_id=self.hub_model_id, token=self.args.hub_token, revision=self.args.hub_revision)
+        jobs = [
+            self._hub_api.upload_folder(
+                folder_path=output_dir,
+                allow_patterns=patterns,
+                commit_message=message,
+                run_as_future=True,
+                **common,
+            )
+        ]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            jobs.append(
+                self._hub_api.upload_folder(
+                    folder_path=checkpoint_folder,
+                    path_in_repo="last-checkpoint"
+                    if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                    else os.path.basename(checkpoint_folder),
+                    commit_message=message + ", checkpoint",
+                    run_as_future=True,
+                    **common,
+                )
+            )
+        for job in jobs:
+            job.add_done_callback(self._report_push)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    def _report_push(self, job) -> None:
+        from .hub import describe_error
+
+        err = job.exception()
+        if err is None:
+            return
+        message = describe_error(
+            err, api=self._hub_api, repo_id=self.hub_model_id, folder=self.args.output_dir, action="Pushing to"
+        )
+        self.failed_pushes.append(message)
+        logger.warning(f"{message}\nTraining continues; the next save or the final push_to_hub() uploads again.")
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Save the adapter and card and upload them (with the card's images) to `hub_model_id`, creating the repo if
+        needed. Checkpoint folders, `training_args.bin` and logs are not uploaded. Network errors and 5xx answers are
+        retried (`trl_nft.hub.PUSH_RETRY_WAITS`); pushes that failed during training are reported.
+
+        Args:
+            commit_message (`str`, defaults to `"End of training"`): the commit's message.
+            blocking (`bool`, defaults to `True`): `False` returns a `Future` (no retries).
+            token (`str`, *optional*): defaults to `args.hub_token`, then the logged-in token.
+            revision (`str`, *optional*): branch to push to; defaults to `args.hub_revision`.
+            private (`bool`, *optional*): visibility of a repo created here; defaults to `args.hub_private_repo`.
+            kwargs: passed to `create_model_card` (`model_name`, `dataset_name`, `tags`).
+
+        Returns:
+            `huggingface_hub.CommitInfo` (or a `Future` when `blocking=False`).
+
+        Raises:
+            `trl_nft.hub.PushToHubError`: naming the endpoint and repo; local files are never removed.
+        """
+        from .hub import publish_patterns, upload_run
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        self._finish_current_push()
+        revision = revision if revision is not None else self.args.hub_revision
+        if not blocking:
+            return self._hub_api.upload_folder(
+                repo_id=self.hub_model_id,
+                folder_path=self.args.output_dir,
+                allow_patterns=publish_patterns(self.adapter.denoiser_name),
+                commit_message=commit_message,
+                token=token,
+                revision=revision,
+                run_as_future=True,
+            )
+        info = upload_run(
+            self._hub_api,
+            self.args.output_dir,
+            self.hub_model_id,
+            commit_message=commit_message,
+            denoiser_name=self.adapter.denoiser_name,
+            token=token,
+            revision=revision,
+        )
+        failed = self.failed_pushes
+        if failed:
+            logger.warning(
+                f"{len(failed)} push(es) during training failed; this final push uploaded the current adapter and card: "
+                f"{info.commit_url}"
+            )
+            failed.clear()
+        else:
+            logger.info(f"Pushed to {info.commit_url}")
+        return info
 
     def _example_prompt(self) -> str:
         dataset = self.train_dataset

@@ -30,12 +30,18 @@ def redness(prompts, images: torch.Tensor, **kwargs) -> list[float]:
 
 
 def _shapes_reward():
+    from ..utils import require_shapes_extra
+
+    require_shapes_extra("The 'shapes' reward")
     from ..shapes.judge import shapes_reward
 
     return shapes_reward
 
 
 def _shapes_strict_reward():
+    from ..utils import require_shapes_extra
+
+    require_shapes_extra("The 'shapes_strict' reward")
     from ..shapes.judge import shapes_strict_reward
 
     return shapes_strict_reward
