@@ -28,6 +28,8 @@ def _has_accelerator() -> bool:
 LOSS_TYPES = ("adaptive", "velocity")
 SCALE_REWARDS = ("batch", "group", "none")
 DECAY_SCHEDULES = ("linear", "constant")
+REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # = trl_nft.core.REWARD_AGGREGATIONS
+NON_FINITE_REWARDS = ("error", "missing")  # = trl_nft.rewards.calling.NON_FINITE_REWARDS
 
 
 def import_from_string(path: str):
@@ -130,6 +132,22 @@ class DiffusionNFTConfig(TrainingArguments):
         metadata={
             "help": "Weight of each reward function; the raw reward is their weighted sum (official). Defaults to "
             "1.0 each."
+        },
+    )
+    reward_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={
+            "help": "How several rewards make one: 'sum_then_normalize' = weighted sum of the raw scores, then the "
+            "advantage normalisation (official); 'normalize_then_sum' = each reward normalised within its group "
+            "first, then the weighted sum, then the advantage normalisation (GDPO, arXiv 2601.05242), so a reward "
+            "with a large spread cannot drown one with a small spread."
+        },
+    )
+    non_finite_rewards: str = field(
+        default="error",
+        metadata={
+            "help": "A NaN or infinite score from a reward function: 'error' raises, naming the function (default); "
+            "'missing' treats it as None (no score for that image) and logs a warning."
         },
     )
     scale_rewards: str = field(
@@ -259,6 +277,14 @@ class DiffusionNFTConfig(TrainingArguments):
         need(
             self.scale_rewards in SCALE_REWARDS,
             f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.",
+        )
+        need(
+            self.reward_aggregation in REWARD_AGGREGATIONS,
+            f"reward_aggregation must be one of {REWARD_AGGREGATIONS}, got {self.reward_aggregation!r}.",
+        )
+        need(
+            self.non_finite_rewards in NON_FINITE_REWARDS,
+            f"non_finite_rewards must be one of {NON_FINITE_REWARDS}, got {self.non_finite_rewards!r}.",
         )
         need(self.adv_clip_max > 0, f"adv_clip_max must be > 0 (got {self.adv_clip_max}); the official value is 5.")
         need(

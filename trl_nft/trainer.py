@@ -15,10 +15,8 @@ Logging, progress bars, callbacks, checkpoints and `push_to_hub` come from `tran
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
@@ -37,7 +35,8 @@ from . import core
 from .adapters import get_adapter, load_pipeline, null_components
 from .config import DiffusionNFTConfig, import_from_string
 from .model_card import write_model_card
-from .rewards import resolve_reward, reward_name
+from .rewards import resolve_reward
+from .rewards.calling import RewardCaller, check_reward_columns, unique_reward_names
 
 
 NFT_STATE_NAME = "nft_state.safetensors"
@@ -138,7 +137,8 @@ class DiffusionNFTTrainer(Trainer):
         if not reward_funcs:
             raise ValueError("reward_funcs is empty: pass at least one reward function.")
         self.reward_funcs = [resolve_reward(f) for f in reward_funcs]
-        self.reward_func_names = [reward_name(f) for f in self.reward_funcs]
+        self.reward_func_names = unique_reward_names(self.reward_funcs)
+        self._reward_caller = RewardCaller(self.reward_funcs, self.reward_func_names, args.non_finite_rewards)
         if args.reward_weights is None:
             self.reward_weights = torch.ones(len(self.reward_funcs))
         elif len(args.reward_weights) != len(self.reward_funcs):
@@ -237,6 +237,8 @@ class DiffusionNFTTrainer(Trainer):
                 f"{field_name} has no 'prompt' column (columns: {dataset.column_names}). Rename the column that holds "
                 "the text prompts to 'prompt', e.g. dataset.rename_column('text', 'prompt')."
             )
+        if getattr(dataset, "column_names", None):
+            check_reward_columns(dataset.column_names, field_name)
         return dataset
 
     def _setup_lora(self, denoiser, args: DiffusionNFTConfig, peft_config):
@@ -405,10 +407,11 @@ class DiffusionNFTTrainer(Trainer):
         # Advantages are normalised over the whole rollout batch of all processes (official: all-gather).
         all_rewards = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()
         all_prompts = gather_object(prompts)
+        group_ids = core.group_ids_from_keys(all_prompts)
         rewards = core.combine_rewards(all_rewards, self.reward_weights)
         advantages, stats = core.compute_advantages(
-            rewards,
-            core.group_ids_from_keys(all_prompts),
+            self._aggregate_rewards(all_rewards, group_ids),
+            group_ids,
             scale_rewards=self.args.scale_rewards,
             adv_clip_max=self.args.adv_clip_max,
         )
@@ -418,50 +421,48 @@ class DiffusionNFTTrainer(Trainer):
         elapsed = time.perf_counter() - start
 
         metrics = self._metrics["train"]
-        self._log_reward_metrics(metrics, all_rewards, rewards)
+        self._log_reward_metrics(metrics, all_rewards, rewards, group_ids)
         metrics["frac_reward_zero_std"].append(stats.frac_zero_std)
         metrics["images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
         metrics["x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
         return {"x0": x0, "r": r[own].to(x0.device), **cond}
 
-    def _log_reward_metrics(self, metrics, rewards_per_func: torch.Tensor, rewards: torch.Tensor):
+    def _aggregate_rewards(self, rewards_per_func: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """`[N]` reward the advantages are computed from, per `reward_aggregation` (see `core.combine_rewards`)."""
+        return core.combine_rewards(
+            rewards_per_func, self.reward_weights, group_ids=group_ids, aggregation=self.args.reward_aggregation
+        )
+
+    def _log_reward_metrics(self, metrics, rewards_per_func: torch.Tensor, rewards: torch.Tensor, group_ids=None):
+        """Per reward: mean/std over its own scores (a `None` is left out of that reward's statistics, not counted as
+        0), the fraction of missing scores and, with `group_ids`, the fraction of groups where it carries no signal.
+        `reward`/`reward_std`: the weighted sum of the raw scores, whatever `reward_aggregation` is."""
+        zero_std = core.frac_zero_std_per_column(rewards_per_func, group_ids) if group_ids is not None else None
         for i, name in enumerate(self.reward_func_names):
             col = rewards_per_func[:, i]
-            col = col[~torch.isnan(col)]
+            missing = torch.isnan(col)
+            col = col[~missing]
             metrics[f"rewards/{name}/mean"].append(col.mean().item() if col.numel() else math.nan)
             metrics[f"rewards/{name}/std"].append(col.std(unbiased=False).item() if col.numel() else math.nan)
+            metrics[f"rewards/{name}/frac_missing"].append(missing.float().mean().item())
+            if zero_std is not None:
+                metrics[f"rewards/{name}/frac_zero_std"].append(zero_std[i])
         valid = rewards[~torch.isnan(rewards)]
         metrics["reward"].append(valid.mean().item() if valid.numel() else math.nan)
         metrics["reward_std"].append(valid.std(unbiased=False).item() if valid.numel() else math.nan)
 
     def _calculate_rewards(self, prompts, images, columns, mode: str) -> torch.Tensor:
-        """`[N, F]` rewards, NaN where a function returned None."""
-        out = torch.full((len(prompts), len(self.reward_funcs)), math.nan)
+        """`[N, F]` rewards, NaN where a function returned None; checked by `trl_nft.rewards.calling.RewardCaller`.
+        Extra per-image values a reward returns are logged as `rewards/<name>/<key>` (mean of the finite ones)."""
 
         def log_metric(name: str, value: float):
             self._metrics[mode][name].append(float(value))
 
-        kwargs = {**columns, "trainer_state": self.state, "log_metric": log_metric}
-        results = [f(prompts=prompts, images=images, **kwargs) for f in self.reward_funcs]
-        pending = [i for i, res in enumerate(results) if inspect.isawaitable(res)]
-        if pending:
-
-            async def _await_all():
-                return await asyncio.gather(*(results[i] for i in pending))
-
-            for i, res in zip(pending, asyncio.run(_await_all()), strict=True):
-                results[i] = res
-        for j, (name, res) in enumerate(zip(self.reward_func_names, results, strict=True)):
-            if isinstance(res, torch.Tensor):
-                res = res.detach().flatten().tolist()
-            if not isinstance(res, Sequence) or len(res) != len(prompts):
-                got = f"{len(res)} scores" if isinstance(res, Sequence) else f"a {type(res).__name__}"
-                raise ValueError(
-                    f"Reward function {name!r} returned {got} for {len(prompts)} images; it must return a list with "
-                    "one float (or None) per image."
-                )
-            out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in res])
-        return out
+        out = self._reward_caller(prompts, images, **columns, trainer_state=self.state, log_metric=log_metric)
+        for key, values in out.extras.items():
+            finite = [v for v in values if math.isfinite(v)]
+            self._metrics[mode][f"rewards/{key}"].append(sum(finite) / len(finite) if finite else math.nan)
+        return out.scores
 
     # ================================================================================================ training
     def training_step(self, model, inputs, num_items_in_batch=None):

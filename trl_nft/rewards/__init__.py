@@ -5,8 +5,10 @@ A reward function is any callable
     f(prompts: list[str], images: Tensor[B, 3, H, W] in [0, 1], **columns, trainer_state=..., log_metric=...)
         -> list[float | None]
 
-returning one score per image (`None`: no score for that image). `columns` holds every other dataset column, as lists
-aligned with the images. `async def` functions are awaited concurrently.
+returning one score per image (`None`: no score for that image), or a mapping `{"scores": [...], "<key>": [...]}`
+whose other keys are extra per-image values to log. `columns` holds every other dataset column, as lists aligned with
+the images. `async def` functions are awaited concurrently on a background event loop. Every return value is checked
+by `trl_nft.rewards.calling` (length, type, finiteness).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import import_from_string
+from .calling import reward_name, unique_reward_names
 
 
 def brightness(prompts, images: torch.Tensor, **kwargs) -> list[float]:
@@ -51,11 +54,6 @@ BUILTIN_REWARDS: dict[str, Callable] = {
 _FACTORIES = {"shapes", "shapes_strict"}
 
 
-def reward_name(func: Callable) -> str:
-    """The name a reward is logged under: `rewards/<name>/mean`."""
-    return getattr(func, "__name__", None) or type(func).__name__
-
-
 def resolve_reward(spec: str | Callable) -> Callable:
     """A reward callable from a callable, a built-in name (see `BUILTIN_REWARDS`) or a dotted path `module:func`."""
     if callable(spec):
@@ -75,4 +73,4 @@ def resolve_reward(spec: str | Callable) -> Callable:
     )
 
 
-__all__ = ["BUILTIN_REWARDS", "brightness", "redness", "resolve_reward", "reward_name"]
+__all__ = ["BUILTIN_REWARDS", "brightness", "redness", "resolve_reward", "reward_name", "unique_reward_names"]
