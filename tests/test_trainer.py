@@ -438,3 +438,31 @@ def test_async_reward_trains_inside_a_running_event_loop_with_gdpo_and_extras(ti
     expected = logs["rewards/async_bright/mean"] + logs["rewards/tiny_spread/mean"]
     assert logs["reward"] == pytest.approx(expected, rel=1e-5)
     assert math.isfinite(logs["loss"])
+
+
+def test_remote_reward_in_a_real_training_step_and_state_intact_after_failure(tiny_pipe, tmp_path):
+    import threading
+
+    from trl_nft.rewards import RemoteReward, RemoteRewardError, brightness
+    from trl_nft.rewards.server import RewardServer
+
+    server = RewardServer(brightness, "127.0.0.1", 0, token="t0k")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = RemoteReward(server.url, token="t0k", name="remote_brightness", batch_size=3)
+        trainer = _trainer(tiny_pipe, tmp_path, rewards=[remote, "redness"], max_steps=1)
+        trainer.train()
+        logs = trainer.state.log_history[0]
+        assert server.num_scored == 8 and 0 < logs["rewards/remote_brightness/mean"] < 1
+        assert math.isfinite(logs["loss"]) and "rewards/redness/mean" in logs
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the server is gone: the next rollout's scoring fails with the URL named, before any update
+    remote.max_retries, remote.backoff = 1, 0.0
+    before = {i: p.detach().clone() for i, p in enumerate(trainer._trainable)}
+    trainer.args.max_steps = 2
+    with pytest.raises(RemoteRewardError, match=rf"Reward server {server.url}/score did not answer after 2 attempts"):
+        trainer.train()
+    assert trainer.state.global_step == 0  # the failed rollout took no optimizer step
+    assert all(torch.equal(before[i], p) for i, p in enumerate(trainer._trainable))

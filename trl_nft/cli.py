@@ -170,6 +170,7 @@ commands:
   demo    The main job: NFT teaches the shipped tiny base to count, colour and place shapes (CPU, ~15 min)
   train   Train a pipeline with DiffusionNFT: trl-nft train --config run.yaml [--field value ...]
   eval    Held-out GenEval-style table of the shapes world: trl-nft eval [--lora DIR] [--output_json F]
+  serve-reward  Serve a reward over HTTP for RemoteReward: trl-nft serve-reward SPEC [--port N] [--token T]
 
 Run 'trl-nft <command> --help' for a command's options."""
 
@@ -196,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         (eval_args,) = TrlParser((EvalArguments,), prog="trl-nft eval").parse_args_and_config(rest)
         evaluate(eval_args)
         return 0
+    if command == "serve-reward":
+        from .rewards.server import main as serve_reward
+
+        return serve_reward(rest)
     if command == "demo":
         from trl import TrlParser
 

@@ -54,18 +54,37 @@ BUILTIN_REWARDS: dict[str, Callable] = {
 _FACTORIES = {"shapes", "shapes_strict"}
 
 
-def resolve_reward(spec: str | Callable) -> Callable:
-    """A reward callable from a callable, a built-in name (see `BUILTIN_REWARDS`) or a dotted path `module:func`."""
-    if callable(spec):
+def resolve_reward(spec: str | Callable, **kwargs) -> Callable:
+    """A reward callable from a callable, a built-in name (see `BUILTIN_REWARDS`) or a dotted path `module:func`.
+
+    `kwargs` go to a built-in reward model's class (e.g. `resolve_reward("pickscore", model="path/to/PickScore")`)
+    or to a dotted path that names a class; they are refused for plain functions.
+    """
+    if callable(spec) and not isinstance(spec, type):
+        if kwargs:
+            raise ValueError(f"Reward arguments {sorted(kwargs)} given with an already built reward {spec!r}.")
         return spec
+    if isinstance(spec, type):
+        return spec(**kwargs)
     if not isinstance(spec, str):
         raise TypeError(f"A reward function must be a callable or a string, got {type(spec).__name__}.")
     if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[spec]() if spec in _FACTORIES else BUILTIN_REWARDS[spec]
+        entry = BUILTIN_REWARDS[spec]
+        if spec in _FACTORIES:
+            entry = entry()
+        if isinstance(entry, type):
+            return entry(**kwargs)
+        if kwargs:
+            raise ValueError(f"The built-in reward {spec!r} takes no arguments, got {sorted(kwargs)}.")
+        return entry
     if ":" in spec or "." in spec:
         func = import_from_string(spec)
+        if isinstance(func, type):
+            return func(**kwargs)
         if not callable(func):
             raise TypeError(f"Reward {spec!r} is not callable.")
+        if kwargs:
+            raise ValueError(f"Reward {spec!r} is a function; it takes no construction arguments {sorted(kwargs)}.")
         return func
     raise ValueError(
         f"Unknown reward {spec!r}. Use a built-in name ({sorted(BUILTIN_REWARDS)}), a dotted path "
@@ -73,4 +92,22 @@ def resolve_reward(spec: str | Callable) -> Callable:
     )
 
 
-__all__ = ["BUILTIN_REWARDS", "brightness", "redness", "resolve_reward", "reward_name", "unique_reward_names"]
+def __getattr__(name: str):
+    # The HTTP client is imported on first use: importing trl_nft.rewards stays cheap.
+    if name in ("RemoteReward", "RemoteRewardError"):
+        from . import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BUILTIN_REWARDS",
+    "RemoteReward",
+    "RemoteRewardError",
+    "brightness",
+    "redness",
+    "resolve_reward",
+    "reward_name",
+    "unique_reward_names",
+]
