@@ -19,6 +19,16 @@ import torch
 
 from ..config import import_from_string
 from .calling import reward_name, unique_reward_names
+from .models import (
+    AestheticReward,
+    CLIPScoreReward,
+    HPSv2Reward,
+    OCRReward,
+    PickScoreReward,
+    RewardModel,
+    jpeg_compressibility,
+    jpeg_incompressibility,
+)
 
 
 def brightness(prompts, images: torch.Tensor, **kwargs) -> list[float]:
@@ -44,12 +54,20 @@ def _shapes_strict_reward():
     return shapes_strict_reward
 
 
-#: Built-in rewards by name. Values are callables or zero-argument factories (for rewards with heavy imports).
+#: Built-in rewards by name. Values are callables, zero-argument factories (for rewards with heavy imports) or reward
+#: model classes (instantiated by `resolve_reward`, with its keyword arguments; weights load on first call).
 BUILTIN_REWARDS: dict[str, Callable] = {
     "brightness": brightness,
     "redness": redness,
     "shapes": _shapes_reward,
     "shapes_strict": _shapes_strict_reward,
+    "pickscore": PickScoreReward,
+    "clipscore": CLIPScoreReward,
+    "hpsv2": HPSv2Reward,
+    "aesthetic": AestheticReward,
+    "ocr": OCRReward,
+    "jpeg_compressibility": jpeg_compressibility,
+    "jpeg_incompressibility": jpeg_incompressibility,
 }
 _FACTORIES = {"shapes", "shapes_strict"}
 
@@ -103,6 +121,14 @@ def __getattr__(name: str):
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "AestheticReward",
+    "CLIPScoreReward",
+    "HPSv2Reward",
+    "OCRReward",
+    "PickScoreReward",
+    "RewardModel",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
     "RemoteReward",
     "RemoteRewardError",
     "brightness",
