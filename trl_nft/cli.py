@@ -73,7 +73,7 @@ def load_prompts(name: str, split: str, config: str | None = None, heldout: bool
 
 
 def load_model(name_or_path: str):
-    from .adapters import load_pipeline
+    from .families import load_pipeline
 
     if name_or_path == "shapes-base":
         from .shapes.pretrain import load_base_pipeline

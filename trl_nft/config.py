@@ -114,8 +114,11 @@ class DiffusionNFTConfig(TrainingArguments):
     guidance_scale: float = field(
         default=1.0,
         metadata={
-            "help": "Classifier-free guidance during rollouts. 1.0 = CFG-free, as in the paper: NFT trains the "
-            "unguided model, so CFG is not needed at inference either."
+            "help": "Guidance of rollouts, passed to the pipeline as its `guidance_scale`. 1.0 = CFG-free, as in the "
+            "paper: NFT trains the unguided model, so CFG is not needed at inference either. For CFG families, > 1 "
+            "samples rollouts with CFG while the loss still trains the conditional velocity (see docs/families.md, "
+            "'Guidance'). For FLUX.1-dev / FLUX.2 it is the distilled guidance input of the denoiser (try 3.5), used "
+            "in rollouts and training alike."
         },
     )
     resolution: int | None = field(
@@ -223,7 +226,10 @@ class DiffusionNFTConfig(TrainingArguments):
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (official: 64)."})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules to adapt. Defaults to the model family's official targets (SD3: attention only)."},
+        metadata={
+            "help": "Modules to adapt (peft `target_modules`). Defaults to the model family's targets (attention "
+            "projections; SD3: the official DiffusionNFT list), see docs/families.md."
+        },
     )
 
     # ---------------------------------------------------------------- evaluation
@@ -231,7 +237,11 @@ class DiffusionNFTConfig(TrainingArguments):
         default=40, metadata={"help": "Solver steps for evaluation images (official eval: 40)."}
     )
     eval_guidance_scale: float | None = field(
-        default=None, metadata={"help": "CFG scale for evaluation. Defaults to `guidance_scale`."}
+        default=None,
+        metadata={
+            "help": "Guidance for evaluation. Defaults to `guidance_scale`; a different value evaluates another policy "
+            "than the one rollouts sample (the trainer warns)."
+        },
     )
     eval_seed: int = field(
         default=0,

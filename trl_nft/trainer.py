@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,8 +33,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import core
-from .adapters import get_adapter, load_pipeline, null_components
 from .config import DiffusionNFTConfig, import_from_string
+from .families import get_adapter, load_pipeline, null_components
 from .model_card import write_model_card
 from .rewards import resolve_reward
 from .rewards.calling import RewardCaller, check_reward_columns, unique_reward_names
@@ -128,7 +129,7 @@ class DiffusionNFTTrainer(Trainer):
         if not isinstance(args, DiffusionNFTConfig):
             raise TypeError(f"args must be a DiffusionNFTConfig, got {type(args).__name__}.")
         self.pipeline = pipeline
-        self.adapter = get_adapter(pipeline)
+        self.adapter = get_adapter(pipeline, resolution=args.resolution)
         pipeline.set_progress_bar_config(disable=True)
 
         # ---------------------------------------------------------------- rewards
@@ -154,12 +155,19 @@ class DiffusionNFTTrainer(Trainer):
         eval_dataset = self._as_dataset(eval_dataset, "eval_dataset")
         if train_dataset is None:
             raise ValueError("train_dataset is required: a datasets.Dataset or list of dicts with a 'prompt' column.")
-        self.resolution = args.resolution or self.adapter.default_resolution
+        self.resolution = self.adapter.resolution
         multiple = self.adapter.resolution_multiple
         if self.resolution % multiple != 0:
             raise ValueError(
                 f"resolution {self.resolution} is not a multiple of {multiple} (the VAE scale factor x patch size of "
                 f"this {type(pipeline).__name__}). Use e.g. resolution={max(multiple, self.resolution // multiple * multiple)}."
+            )
+        if args.eval_guidance_scale is not None and args.eval_guidance_scale != args.guidance_scale:
+            warnings.warn(
+                f"Rollouts use guidance_scale={args.guidance_scale} but evaluation uses eval_guidance_scale="
+                f"{args.eval_guidance_scale}: evaluation then samples another policy than the one trained on (see "
+                "docs/families.md, 'Guidance'). Leave eval_guidance_scale unset to evaluate what rollouts sample.",
+                stacklevel=2,
             )
         self.num_generations = args.num_generations
         self.num_iterations = args.num_iterations
@@ -362,17 +370,19 @@ class DiffusionNFTTrainer(Trainer):
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(generation_batch)
             perm = torch.randperm(batch["x0"].shape[0])
-            batch = {k: v[perm.to(v.device)] for k, v in batch.items()}
-            chunks = [torch.chunk(v, self.args.steps_per_generation) for v in batch.values()]
-            self._buffered_inputs = [dict(zip(batch, parts, strict=True)) for parts in zip(*chunks, strict=True)]
+            # Tensors and per-sample lists (the prompts) are shuffled and split alike.
+            batch = {k: v[perm.to(v.device)] if torch.is_tensor(v) else [v[i] for i in perm] for k, v in batch.items()}
+            n = self.args.steps_per_generation
+            size = math.ceil(batch["x0"].shape[0] / n)
+            self._buffered_inputs = [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(n)]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     # ================================================================================================ rollouts
     def _sample_latents(self, prompts: list[str], *, num_inference_steps: int, guidance_scale: float, generator=None):
-        cond = self.adapter.encode_prompts(prompts, self.args.max_sequence_length)
+        """Clean latents `[B, ...]` and decoded images `[B, 3, H, W]` in [0, 1] from the pipeline's own sampler."""
         with self.accelerator.autocast():
-            x0 = self.adapter.rollout(
-                cond,
+            x0, images = self.adapter.rollout(
+                prompts,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 height=self.resolution,
@@ -380,27 +390,36 @@ class DiffusionNFTTrainer(Trainer):
                 max_sequence_length=self.args.max_sequence_length,
                 generator=generator,
             )
-        return cond, x0.float()
+        return x0.float(), images
+
+    def _conditioning(self, prompts: list[str]) -> dict[str, Any]:
+        """The denoiser's conditioning for `prompts`, captured from the pipeline (see `trl_nft.families`)."""
+        with self.accelerator.autocast():
+            return self.adapter.conditioning(
+                prompts,
+                guidance_scale=self.args.guidance_scale,
+                height=self.resolution,
+                width=self.resolution,
+                max_sequence_length=self.args.max_sequence_length,
+            )
 
     def _generate_and_score(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
         prompts = [row["prompt"] for row in rows]
         columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
         chunk = self.args.per_device_train_batch_size
-        conds, latents, images = [], [], []
+        latents, images = [], []
         with torch.no_grad(), self._policy("old"):
             for i in range(0, len(prompts), chunk):
-                cond, x0 = self._sample_latents(
+                x0, chunk_images = self._sample_latents(
                     prompts[i : i + chunk],
                     num_inference_steps=self.args.num_inference_steps,
                     guidance_scale=self.args.guidance_scale,
                 )
-                conds.append(cond)
                 latents.append(x0)
-                images.append(self.adapter.decode(x0))
+                images.append(chunk_images)
         self._rollout_grid = self.adapter.training_grid()
         x0 = torch.cat(latents)
-        cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
         images = torch.cat(images)
         rewards_per_func = self._calculate_rewards(prompts, images, columns, mode="train")
 
@@ -425,7 +444,7 @@ class DiffusionNFTTrainer(Trainer):
         metrics["frac_reward_zero_std"].append(stats.frac_zero_std)
         metrics["images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
         metrics["x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
-        return {"x0": x0, "r": r[own].to(x0.device), **cond}
+        return {"x0": x0, "r": r[own].to(x0.device), "prompts": prompts}
 
     def _aggregate_rewards(self, rewards_per_func: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         """`[N]` reward the advantages are computed from, per `reward_aggregation` (see `core.combine_rewards`)."""
@@ -470,7 +489,6 @@ class DiffusionNFTTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         args = self.args
         x0, r = inputs["x0"], inputs["r"]
-        cond = {k: v for k, v in inputs.items() if k not in ("x0", "r")}
         grid = self._rollout_grid
         num_t = min(args.num_train_timesteps, grid.numel())
         batch = x0.shape[0]
@@ -479,7 +497,7 @@ class DiffusionNFTTrainer(Trainer):
         t = core.sample_training_timesteps(grid, batch, num_t).reshape(-1).to(x0.device)
         x0_rep = x0.repeat(num_t, *([1] * (x0.dim() - 1)))
         r_rep = r.repeat(num_t)
-        cond_rep = {k: v.repeat(num_t, *([1] * (v.dim() - 1))) for k, v in cond.items()}
+        cond_rep = self.adapter.tile(self._conditioning(list(inputs["prompts"])), num_t)
         noise = torch.randn_like(x0_rep)
         tb = t.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - tb) * x0_rep + tb * noise
@@ -555,13 +573,12 @@ class DiffusionNFTTrainer(Trainer):
                 prompts = [rows[j]["prompt"] for j in idx]
                 columns = {k: [rows[j][k] for j in idx] for k in rows[0] if k != "prompt"}
                 generators = [torch.Generator(device).manual_seed(self.args.eval_seed + j) for j in idx]
-                _, x0 = self._sample_latents(
+                _, images = self._sample_latents(
                     prompts,
                     num_inference_steps=self.args.eval_num_inference_steps,
                     guidance_scale=guidance,
                     generator=generators,
                 )
-                images = self.adapter.decode(x0)
                 all_scores.append(self._calculate_rewards(prompts, images, columns, mode="eval"))
                 all_images.append(images.cpu())
                 all_prompts.extend(prompts)
@@ -674,7 +691,7 @@ class DiffusionNFTTrainer(Trainer):
             log_history=self.state.log_history,
             example_prompt=self._example_prompt(),
             load_kwargs=dict.fromkeys(null_components(self.base_model_id)),
-            call_kwargs=self.adapter.call_kwargs(self.args.max_sequence_length),
+            call_kwargs=self.adapter.call_kwargs(self.args.max_sequence_length, self.args.guidance_scale),
         )
 
     def _example_prompt(self) -> str:

@@ -313,7 +313,7 @@ def resolve_base_path(path: str) -> str:
 def load_base_pipeline(path: str = "shapes-base", **kwargs):
     """A shapes base pipeline: `"shapes-base"` (the one shipped in `trl_nft/shapes/base`) or a directory written by
     this script. Sample it with `max_sequence_length=MAX_SEQUENCE_LENGTH`."""
-    from ..adapters import load_pipeline
+    from ..families import load_pipeline
 
     path = resolve_base_path(path)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
