@@ -55,6 +55,16 @@ def test_dead_reward_is_never_reported_as_healthy():
     assert core.frac_zero_std_per_column(per_reward, groups) == [0.0, 1.0, 1.0]
 
 
+def test_within_group_diversity_known_answers():
+    features = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5], [0.5, 0.5], [3.0, 3.0]])
+    groups = torch.tensor([0, 0, 1, 1, 2])
+    # group 0: one pair at RMS distance 1; group 1: identical images (collapse); group 2: alone, skipped
+    assert core.within_group_diversity(features, groups) == pytest.approx(0.5)
+    three = torch.tensor([[0.0], [1.0], [3.0]])  # pairwise 1, 3, 2 -> mean 2
+    assert core.within_group_diversity(three, torch.zeros(3, dtype=torch.long)) == pytest.approx(2.0)
+    assert math.isnan(core.within_group_diversity(features[:2], torch.tensor([0, 1])))
+
+
 def test_advantages_group_mean_global_std_and_clip():
     rewards = torch.tensor([1.0, 3.0, 10.0, 10.0])
     groups = core.group_ids_from_keys(["a", "a", "b", "b"])

@@ -17,6 +17,7 @@ from trl_nft.shapes.demo import DEMO_CONFIG
 with open(DEMO_CONFIG) as _f:
     DEMO_LORA_TARGETS = yaml.safe_load(_f)["lora_target_modules"]
 
+
 def _cli():
     exe = shutil.which("trl-nft", path=os.path.dirname(sys.executable))
     return [exe] if exe else [sys.executable, "-m", "trl_nft.cli"]
@@ -38,9 +39,14 @@ def test_base_loads_offline_with_plain_diffusers_and_samples():
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(BASE_DIR) for f in fs)
     assert size < 20 * 2**20  # a few MB, shipped in the package
-    images = pipe(["a red circle", "two blue squares"], num_inference_steps=10, guidance_scale=1.0,
-                  generator=torch.Generator().manual_seed(0), output_type="pt",
-                  max_sequence_length=MAX_SEQUENCE_LENGTH).images
+    images = pipe(
+        ["a red circle", "two blue squares"],
+        num_inference_steps=10,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    ).images
     assert images.shape == (2, 3, 32, 32)
     # A pretrained base draws shapes on a white background, not noise.
     assert images.mean() > 0.6 and (images.min(dim=1).values < 0.5).any()
@@ -92,14 +98,28 @@ def test_simple_reward_rises_with_a_fixed_seed(base_pipe, tmp_path):
     from trl_nft.shapes import make_dataset
 
     args = DiffusionNFTConfig(
-        output_dir=str(tmp_path), max_steps=24, num_generations=8, per_device_train_batch_size=16,
-        steps_per_generation=4, num_inference_steps=6, eval_num_inference_steps=6, max_sequence_length=1,
-        timestep_fraction=0.5, learning_rate=1e-3, lora_r=8, lora_alpha=16, kl_weight=0.0,
-        report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=24,
+        num_generations=8,
+        per_device_train_batch_size=16,
+        steps_per_generation=4,
+        num_inference_steps=6,
+        eval_num_inference_steps=6,
+        max_sequence_length=1,
+        timestep_fraction=0.5,
+        learning_rate=1e-3,
+        lora_r=8,
+        lora_alpha=16,
+        kl_weight=0.0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     dataset = make_dataset("train")
-    trainer = DiffusionNFTTrainer(base_pipe, "redness", args=args, train_dataset=dataset,
-                                  eval_dataset=dataset.select(range(0, 480, 10)))
+    trainer = DiffusionNFTTrainer(
+        base_pipe, "redness", args=args, train_dataset=dataset, eval_dataset=dataset.select(range(0, 480, 10))
+    )
     before = trainer.evaluate()["eval_reward"]
     trainer.train()
     after = trainer.evaluate()["eval_reward"]
@@ -111,18 +131,37 @@ def test_nft_on_the_shapes_world_raises_the_partial_credit_reward(base_pipe, tmp
 
     from trl_nft import DiffusionNFTConfig, DiffusionNFTTrainer
 
-    prompts = ["three red squares", "a blue circle to the left of a yellow triangle", "two green circles",
-               "a red triangle and a blue square"]
+    prompts = [
+        "three red squares",
+        "a blue circle to the left of a yellow triangle",
+        "two green circles",
+        "a red triangle and a blue square",
+    ]
     args = DiffusionNFTConfig(
-        output_dir=str(tmp_path), max_steps=40, num_generations=16, per_device_train_batch_size=16,
-        steps_per_generation=4, num_inference_steps=6, eval_num_inference_steps=10, max_sequence_length=1,
-        timestep_fraction=0.5, learning_rate=1e-3, lora_r=32, lora_alpha=32, kl_weight=0.0,
+        output_dir=str(tmp_path),
+        max_steps=40,
+        num_generations=16,
+        per_device_train_batch_size=16,
+        steps_per_generation=4,
+        num_inference_steps=6,
+        eval_num_inference_steps=10,
+        max_sequence_length=1,
+        timestep_fraction=0.5,
+        learning_rate=1e-3,
+        lora_r=32,
+        lora_alpha=32,
+        kl_weight=0.0,
         lora_target_modules=DEMO_LORA_TARGETS,
-        report_to="none", save_strategy="no", disable_tqdm=True, seed=0, per_device_eval_batch_size=64,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        per_device_eval_batch_size=64,
     )
     evals = Dataset.from_dict({"prompt": [p for p in prompts for _ in range(16)]})
-    trainer = DiffusionNFTTrainer(base_pipe, "shapes", args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
-                                  eval_dataset=evals)
+    trainer = DiffusionNFTTrainer(
+        base_pipe, "shapes", args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), eval_dataset=evals
+    )
     before = trainer.evaluate()["eval_reward"]
     trainer.train()
     after = trainer.evaluate()["eval_reward"]
@@ -132,13 +171,36 @@ def test_nft_on_the_shapes_world_raises_the_partial_credit_reward(base_pipe, tmp
 def test_demo_end_to_end_writes_every_artifact(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [*_cli(), "demo", "--output_dir", str(out), "--max_steps", "2", "--heldout_per_tag", "2",
-         "--eval_every_minutes", "100", "--num_sample_images", "6", "--disable_tqdm", "true"],
-        capture_output=True, text=True, timeout=900, check=False,
+        [
+            *_cli(),
+            "demo",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--heldout_per_tag",
+            "2",
+            "--eval_every_minutes",
+            "100",
+            "--num_sample_images",
+            "6",
+            "--disable_tqdm",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("pytorch_lora_weights.safetensors", "README.md", "metrics.jsonl", "reward_curve.png",
-                 "samples.png", "heldout_table.json"):
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "README.md",
+        "metrics.jsonl",
+        "reward_curve.png",
+        "samples.png",
+        "heldout_table.json",
+    ):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     held = [r for r in records if r["type"] == "heldout"]
@@ -174,8 +236,24 @@ def test_pretrain_script_is_deterministic_and_loads_offline(tmp_path):
 
     from trl_nft.shapes.pretrain import load_base_pipeline, main
 
-    flags = ["--vae-steps", "2", "--vae_batch_size", "8", "--normalisation-images", "16", "--pool-size", "32",
-             "--transformer-steps", "3", "--batch-size", "8", "--warmup-steps", "1", "--num-threads", "1"]
+    flags = [
+        "--vae-steps",
+        "2",
+        "--vae_batch_size",
+        "8",
+        "--normalisation-images",
+        "16",
+        "--pool-size",
+        "32",
+        "--transformer-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--warmup-steps",
+        "1",
+        "--num-threads",
+        "1",
+    ]
     for run in ("a", "b"):
         main([*flags, "--output_dir", str(tmp_path / run)])
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):

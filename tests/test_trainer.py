@@ -466,3 +466,29 @@ def test_remote_reward_in_a_real_training_step_and_state_intact_after_failure(ti
         trainer.train()
     assert trainer.state.global_step == 0  # the failed rollout took no optimizer step
     assert all(torch.equal(before[i], p) for i, p in enumerate(trainer._trainable))
+
+
+def test_reward_hacking_monitors_heldout_rewards_diversity_and_reference_drift(tiny_pipe, tmp_path):
+    from trl_nft import DiffusionNFTTrainer
+    from trl_nft.rewards import brightness
+
+    eval_rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(2)]  # each prompt twice, two seeds
+    trainer = DiffusionNFTTrainer(
+        tiny_pipe,
+        "brightness",
+        args=tiny_config(tmp_path, max_steps=1, eval_reference_drift=True, learning_rate=1e-2),
+        train_dataset=[{"prompt": p} for p in PROMPTS],
+        eval_dataset=eval_rows,
+        eval_reward_funcs=[brightness, "redness"],
+    )
+    assert trainer.eval_reward_func_names == ["brightness", "redness"]
+    before = trainer.evaluate()
+    # a held-out reward scores the very images the trained rewards score
+    assert before["eval_heldout/brightness/mean"] == pytest.approx(before["eval_rewards/brightness/mean"], rel=1e-6)
+    assert "eval_heldout/redness/mean" in before and "eval_rewards/redness/mean" not in before
+    assert before["eval_drift/pixel_rmse"] == 0.0  # LoRA starts as the identity (lora_B = 0)
+    assert before["eval_diversity/within_group"] > 0
+    trainer.train()
+    assert trainer.state.log_history[0]["diversity/within_group"] > 0
+    after = trainer.evaluate()
+    assert after["eval_drift/pixel_rmse"] > 0

@@ -254,6 +254,14 @@ class DiffusionNFTConfig(TrainingArguments):
             "evaluation and saving (official: 0.9). Off by default so that the saved adapter is the trained policy."
         },
     )
+    eval_reference_drift: bool = field(
+        default=False,
+        metadata={
+            "help": "At evaluation, also sample every prompt with the reference model (adapters disabled) from the same "
+            "seeds and log `eval_drift/pixel_rmse`, the RMS pixel distance of trained and reference images (a "
+            "reward-hacking monitor; doubles evaluation time). Needs LoRA or kl_weight > 0 (a reference model)."
+        },
+    )
     num_eval_images_to_log: int = field(
         default=16, metadata={"help": "Evaluation images sent to the trackers as a captioned grid (0: none)."}
     )

@@ -102,6 +102,31 @@ def frac_zero_std_per_column(values: torch.Tensor, group_ids: torch.Tensor) -> l
     return fractions
 
 
+def within_group_diversity(features: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Mean pairwise RMS distance between the members of each group, averaged over groups of two or more.
+
+    A reward-hacking monitor: when a policy collapses onto one image per prompt, this falls towards 0 while the
+    reward may still rise.
+
+    Args:
+        features: `[N, D]` per-sample features (e.g. downsampled pixels in [0, 1]).
+        group_ids: `[N]` group of each sample.
+
+    Returns:
+        The mean over groups of `mean_{i<j} ||f_i - f_j||_2 / sqrt(D)`; NaN when no group has two members.
+    """
+    features = features.float().flatten(1)
+    values = []
+    for g in torch.unique(group_ids):
+        members = features[group_ids == g]
+        k = members.shape[0]
+        if k < 2:
+            continue
+        distances = torch.cdist(members, members)
+        values.append(distances.sum().item() / (k * (k - 1)) / features.shape[1] ** 0.5)
+    return sum(values) / len(values) if values else float("nan")
+
+
 def group_ids_from_keys(keys: Sequence[object]) -> torch.Tensor:
     """Integer group id per sample; samples sharing a key (the prompt string, as in the official code) share a group."""
     index: dict[object, int] = {}

@@ -97,6 +97,9 @@ class DiffusionNFTTrainer(Trainer):
             Extra callbacks.
         optimizers (`tuple`, *optional*, defaults to `(None, None)`):
             An optimizer and scheduler to use instead of AdamW and `lr_scheduler_type`.
+        eval_reward_funcs (callable, `str`, or a list of them, *optional*):
+            Held-out rewards, scored at evaluation only and never trained on (a reward-hacking monitor): logged as
+            `eval_heldout/<name>/mean|std`. Same forms as `reward_funcs`.
         peft_config (`peft.LoraConfig`, *optional*):
             LoRA configuration. Defaults to the family's official targets with `lora_r` / `lora_alpha` and gaussian
             init (official: r=32, alpha=64).
@@ -115,6 +118,7 @@ class DiffusionNFTTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers=(None, None),
         peft_config=None,
+        eval_reward_funcs: Callable | str | Sequence[Callable | str] | None = None,
     ):
         # ---------------------------------------------------------------- pipeline and its family adapter
         if isinstance(model, str | os.PathLike):
@@ -140,6 +144,7 @@ class DiffusionNFTTrainer(Trainer):
         self.reward_funcs = [resolve_reward(f) for f in reward_funcs]
         self.reward_func_names = unique_reward_names(self.reward_funcs)
         self._reward_caller = RewardCaller(self.reward_funcs, self.reward_func_names, args.non_finite_rewards)
+        self._setup_eval_monitors(eval_reward_funcs, args)
         if args.reward_weights is None:
             self.reward_weights = torch.ones(len(self.reward_funcs))
         elif len(args.reward_weights) != len(self.reward_funcs):
@@ -481,7 +486,76 @@ class DiffusionNFTTrainer(Trainer):
         for key, values in out.extras.items():
             finite = [v for v in values if math.isfinite(v)]
             self._metrics[mode][f"rewards/{key}"].append(sum(finite) / len(finite) if finite else math.nan)
+        diversity = self._within_group_diversity(prompts, images)
+        if not math.isnan(diversity):  # NaN: no prompt with two images here (e.g. evaluation with unique prompts)
+            self._metrics[mode]["diversity/within_group"].append(diversity)
         return out.scores
+
+    # ================================================================================================ reward monitors
+    def _setup_eval_monitors(self, eval_reward_funcs, args: DiffusionNFTConfig) -> None:
+        if eval_reward_funcs is not None and not isinstance(eval_reward_funcs, list | tuple):
+            eval_reward_funcs = [eval_reward_funcs]
+        self.eval_reward_funcs = [resolve_reward(f) for f in eval_reward_funcs or []]
+        self.eval_reward_func_names = unique_reward_names(self.eval_reward_funcs)
+        self._eval_reward_caller = (
+            RewardCaller(self.eval_reward_funcs, self.eval_reward_func_names, args.non_finite_rewards)
+            if self.eval_reward_funcs
+            else None
+        )
+        if args.eval_reference_drift and not (args.use_lora or args.kl_weight > 0):
+            raise ValueError(
+                "eval_reference_drift=True compares with the reference model, which full fine-tuning keeps only when "
+                "kl_weight > 0. Set kl_weight > 0, use LoRA, or set eval_reference_drift=False."
+            )
+        self._monitor_values: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
+
+    @staticmethod
+    def _within_group_diversity(prompts: list[str], images: torch.Tensor) -> float:
+        """`core.within_group_diversity` of images of one prompt, on pixels downsampled to at most 64 px; NaN when
+        no prompt has two images."""
+        size = min(64, images.shape[-1], images.shape[-2])
+        small = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="area")
+        return core.within_group_diversity(small.flatten(1).cpu(), core.group_ids_from_keys(prompts))
+
+    @torch.no_grad()
+    def _eval_monitors(self, prompts, images, columns, seeds: list[int], guidance_scale: float) -> None:
+        """Per evaluation batch: held-out rewards, and the drift of the images from the reference model's."""
+        if self._eval_reward_caller is not None:
+            out = self._eval_reward_caller(
+                prompts, images, **columns, trainer_state=self.state, log_metric=lambda name, value: None
+            )
+            self._monitor_values["heldout"].append(out.scores)
+        if self.args.eval_reference_drift:
+            device = self.accelerator.device
+            with self._policy("ref"):
+                _, reference = self._sample_latents(
+                    prompts,
+                    num_inference_steps=self.args.eval_num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=[torch.Generator(device).manual_seed(s) for s in seeds],
+                )
+            rmse = (images.float() - reference.float()).flatten(1).pow(2).mean(dim=1).sqrt()
+            self._monitor_values["drift"].append(rmse.cpu())
+
+    def _eval_monitor_metrics(self, prefix: str) -> dict[str, float | None]:
+        """Gather the evaluation monitors of all processes into metrics (and reset them)."""
+        metrics: dict[str, float | None] = {}
+        device = self.accelerator.device
+        if self._eval_reward_caller is not None:
+            local = torch.cat(self._monitor_values["heldout"]) if self._monitor_values["heldout"] else None
+            if local is None:
+                local = torch.empty(0, len(self.eval_reward_funcs))
+            scores = self.accelerator.gather(local.to(device)).cpu()
+            for i, name in enumerate(self.eval_reward_func_names):
+                col = scores[:, i][~torch.isnan(scores[:, i])]
+                metrics[f"{prefix}_heldout/{name}/mean"] = col.mean().item() if col.numel() else None
+                metrics[f"{prefix}_heldout/{name}/std"] = col.std(unbiased=False).item() if col.numel() else None
+        if self.args.eval_reference_drift:
+            local = torch.cat(self._monitor_values["drift"]) if self._monitor_values["drift"] else torch.empty(0)
+            rmse = self.accelerator.gather(local.to(device)).cpu()
+            metrics[f"{prefix}_drift/pixel_rmse"] = rmse.mean().item() if rmse.numel() else None
+        self._monitor_values.clear()
+        return metrics
 
     # ================================================================================================ training
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -580,6 +654,7 @@ class DiffusionNFTTrainer(Trainer):
                     generator=generators,
                 )
                 all_scores.append(self._calculate_rewards(prompts, images, columns, mode="eval"))
+                self._eval_monitors(prompts, images, columns, [self.args.eval_seed + j for j in idx], guidance)
                 all_images.append(images.cpu())
                 all_prompts.extend(prompts)
         rewards_per_func = self.accelerator.gather(torch.cat(all_scores).to(device)).cpu()
@@ -591,6 +666,7 @@ class DiffusionNFTTrainer(Trainer):
             valid = [v for v in values if not math.isnan(v)]
             metrics[f"{metric_key_prefix}_{key}"] = sum(valid) / len(valid) if valid else None
         self._metrics["eval"].clear()
+        metrics.update(self._eval_monitor_metrics(metric_key_prefix))
         metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
         self._last_eval_images = (torch.cat(all_images), all_prompts)
         self.log(metrics)
