@@ -85,8 +85,10 @@ class DiffusionNFTTrainer(Trainer):
             A diffusers pipeline, or a local path / Hub id loaded with `DiffusionPipeline.from_pretrained`.
         reward_funcs (callable, `str`, or a list of them):
             Each is called as `f(prompts=list[str], images=Tensor[B, 3, H, W] in [0, 1], **other_columns,
-            trainer_state=..., log_metric=...)` and returns one float (or `None`) per image. Strings name a built-in
-            reward (see `trl_nft.rewards.BUILTIN_REWARDS`) or a dotted path `module:function`.
+            trainer_state=..., log_metric=...)` and returns one float (or `None`) per image, or a mapping
+            `{"scores": [...], "<key>": [...]}` with extra per-image values to log. `async def` rewards run on a
+            background event loop. Return values are checked by `trl_nft.rewards.calling` (see docs/rewards.md).
+            Strings name a built-in reward (see `trl_nft.rewards.BUILTIN_REWARDS`) or a dotted path `module:function`.
         args ([`DiffusionNFTConfig`], *optional*):
             Configuration. Defaults to `DiffusionNFTConfig(f"{model_name}-NFT")`.
         train_dataset (`datasets.Dataset` or list of dicts):
@@ -97,12 +99,12 @@ class DiffusionNFTTrainer(Trainer):
             Extra callbacks.
         optimizers (`tuple`, *optional*, defaults to `(None, None)`):
             An optimizer and scheduler to use instead of AdamW and `lr_scheduler_type`.
-        eval_reward_funcs (callable, `str`, or a list of them, *optional*):
-            Held-out rewards, scored at evaluation only and never trained on (a reward-hacking monitor): logged as
-            `eval_heldout/<name>/mean|std`. Same forms as `reward_funcs`.
         peft_config (`peft.LoraConfig`, *optional*):
             LoRA configuration. Defaults to the family's official targets with `lora_r` / `lora_alpha` and gaussian
             init (official: r=32, alpha=64).
+        eval_reward_funcs (callable, `str`, or a list of them, *optional*):
+            Held-out rewards, scored at evaluation only and never trained on (a reward-hacking monitor): logged as
+            `eval_heldout/<name>/mean|std`. Same forms as `reward_funcs`.
     """
 
     _tag_names = ("trl_nft", "diffusion-nft", "diffusers", "text-to-image", "lora")

@@ -393,7 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_auth and token is not None:
         print("trl-nft serve-reward: --no-auth and a token were both given; pick one.", file=sys.stderr)
         return 2
-    reward_kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
+    try:
+        reward_kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
+    except json.JSONDecodeError as err:
+        print(f"trl-nft serve-reward: --reward-kwargs is not valid JSON: {err}", file=sys.stderr)
+        return 2
     if not isinstance(reward_kwargs, dict):
         print("trl-nft serve-reward: --reward-kwargs must be a JSON object.", file=sys.stderr)
         return 2
