@@ -60,8 +60,8 @@ class ServerLimits:
             decoding (413 above; no decompression bombs).
         score_timeout (`float`, defaults to 300): seconds a request may wait for and spend in the reward (504 above,
             503 when still queued).
-        read_timeout (`float`, defaults to 60): seconds a client may take to send its request (the connection is
-            closed after).
+        read_timeout (`float`, defaults to 60): seconds a connection may stay silent while sending its request
+            (the connection is closed after).
     """
 
     max_request_bytes: int = 64 * 1024 * 1024
