@@ -3,11 +3,13 @@
 One optimizer step, seen from the Trainer's loop (mirrors TRL's `GRPOTrainer`):
 
 1. the dataloader yields a *rollout batch* of prompts, each repeated `num_generations` times (`RepeatSampler`);
-2. `_prepare_inputs` samples clean latents from the **old** policy with the pipeline's own scheduler (CFG-free by
-   default, no trajectories kept), decodes and scores them, turns rewards into optimality probabilities r
-   (`trl_nft.core`), shuffles the batch and buffers it in `steps_per_generation` micro-batches;
-3. `training_step` trains a micro-batch on the forward process: for each sample, times drawn from the rollout grid,
-   fresh noise, three forwards (old, trained, reference) and the NFT loss;
+2. `_prepare_inputs` samples the **old** policy with the pipeline's own `__call__` and scheduler (CFG-free by
+   default, no trajectories kept; `trl_nft.families`), keeps the clean latents and the decoded images, scores the
+   images, turns rewards into optimality probabilities r (`trl_nft.core`), shuffles the batch and buffers it in
+   `steps_per_generation` micro-batches;
+3. `training_step` trains a micro-batch on the forward process: the denoiser's conditioning is captured from the
+   pipeline for the micro-batch's prompts, and for each sample, times drawn from the rollout grid, fresh noise, three
+   forwards (old, trained, reference) in the flow frame and the NFT loss;
 4. after the last optimizer step on a rollout batch the old policy is soft-updated with the decay schedule.
 
 Logging, progress bars, callbacks, checkpoints and `push_to_hub` come from `transformers.Trainer`.
@@ -35,6 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import core
 from .config import DiffusionNFTConfig, import_from_string
 from .families import get_adapter, load_pipeline, null_components
+from .families.adapter import eval_mode
 from .model_card import write_model_card
 from .rewards import resolve_reward
 from .rewards.calling import RewardCaller, check_reward_columns, unique_reward_names
@@ -82,7 +85,10 @@ class DiffusionNFTTrainer(Trainer):
 
     Args:
         model (`str` or `DiffusionPipeline`):
-            A diffusers pipeline, or a local path / Hub id loaded with `DiffusionPipeline.from_pretrained`.
+            A diffusers text-to-image pipeline of a supported family (docs/families.md: SD3, FLUX.1/.2, SANA,
+            SD1.x/2.x, SDXL, Lumina 2, CogView4, Qwen-Image, Z-Image, Chroma, AuraFlow, HiDream, Krea 2), or a local
+            path / Hub id loaded with `DiffusionPipeline.from_pretrained`. Raises `UnsupportedPipelineError` for
+            another class.
         reward_funcs (callable, `str`, or a list of them):
             Each is called as `f(prompts=list[str], images=Tensor[B, 3, H, W] in [0, 1], **other_columns,
             trainer_state=..., log_metric=...)` and returns one float (or `None`) per image, or a mapping
@@ -327,7 +333,7 @@ class DiffusionNFTTrainer(Trainer):
     def evaluation_weights(self):
         """The weights that evaluations and saved adapters use: the trained policy, or its EMA when `eval_ema_decay`
         is set. Yields the pipeline; callers that sample outside `evaluate` (the shapes demo) use this too."""
-        with self._policy("default"), self._ema_weights():
+        with self._policy("default") as denoiser, self._ema_weights(), eval_mode(denoiser):
             yield self.pipeline
 
     def _after_optimizer_step(self):

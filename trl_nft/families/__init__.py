@@ -57,6 +57,16 @@ def _drop_extra_tokens(out: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     return out[:, : sample.shape[1]]
 
 
+def _hidream_output(out: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    # In training mode HiDream returns `[B, C, patches, p * p]` (unless its config sets force_inference_output).
+    if out.shape == sample.shape:
+        return out
+    b, c, h, w = sample.shape
+    p = int(round((out.shape[-1]) ** 0.5))
+    out = out.reshape(b, c, h // p, w // p, p, p).permute(0, 1, 2, 4, 3, 5)
+    return out.reshape(b, c, h, w)
+
+
 def _packed_2x2(pipe) -> int:
     return pipe.vae_scale_factor * 2
 
@@ -85,7 +95,6 @@ FAMILIES: list[ModelFamily] = [
         ("FluxPipeline",),
         frame=lambda pipe, res: FlowFrame(scale=1.0),
         guidance="embedded",
-        cfg_kwargs=None,
         lora_target_modules=ATTENTION_TARGETS,
         static_args=("img_ids", "txt_ids"),
         resolution_multiple=_packed_2x2,
@@ -138,13 +147,16 @@ FAMILIES: list[ModelFamily] = [
         "qwenimage",
         ("QwenImagePipeline",),
         frame=lambda pipe, res: FlowFrame(scale=1.0),
-        cfg_kwargs=lambda g: {"true_cfg_scale": g, "negative_prompt": " "},
+        # Qwen-Image's CFG is `true_cfg_scale` and needs a negative prompt; its `guidance_scale` is an unused embedding.
+        guidance_kwargs=lambda w: {"true_cfg_scale": w, **({"negative_prompt": " "} if w > 1 else {})},
         resolution_multiple=_packed_2x2,
     ),
     ModelFamily(
         "zimage",
         ("ZImagePipeline",),
         frame=lambda pipe, res: FlowFrame(scale=-1.0, offset=1.0, sign=-1.0),
+        # Z-Image combines pos + g (pos - neg): its g is the standard scale minus one.
+        guidance_kwargs=lambda w: {"guidance_scale": w - 1.0},
         sample_arg="x",
         timestep_arg="t",
         pack_sample=_zimage_pack,
@@ -159,12 +171,22 @@ FAMILIES: list[ModelFamily] = [
         static_args=("img_ids", "txt_ids"),
         resolution_multiple=_packed_2x2,
     ),
+    ModelFamily(
+        "krea2",
+        ("Krea2Pipeline",),
+        frame=lambda pipe, res: FlowFrame(scale=1.0),
+        # Krea 2 combines cond + g (cond - uncond): its g is the standard scale minus one.
+        guidance_kwargs=lambda w: {"guidance_scale": w - 1.0},
+        static_args=("position_ids",),
+    ),
     ModelFamily("auraflow", ("AuraFlowPipeline",), frame=lambda pipe, res: FlowFrame(scale=1.0)),
     ModelFamily(
         "hidream",
         ("HiDreamImagePipeline",),
         frame=lambda pipe, res: FlowFrame(scale=_train_steps(pipe), sign=-1.0),
         timestep_arg="timesteps",
+        unpack_output=_hidream_output,
+        lora_target_modules=("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"),
     ),
     ModelFamily(
         "lcm",

@@ -18,6 +18,7 @@ Everything else is done the same way for every family by `PipelineAdapter`:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,8 +60,10 @@ class ModelFamily:
             guidance (two branches combined in the sampler; training captures the conditional branch only).
             `"embedded"`: a distilled guidance value fed to the denoiser as an input (FLUX.1-dev, FLUX.2); rollouts
             and training both use it, so the trained policy is the one conditioned on that value.
-        cfg_kwargs (`Callable[[float], dict]`, *optional*): pipeline arguments turning on CFG of scale `g` when the
-            pipeline names it otherwise (Qwen-Image's `true_cfg_scale` with a negative prompt).
+        guidance_kwargs (`Callable[[float], dict]`, *optional*): the pipeline arguments for the trainer's guidance
+            scale `w` (standard convention: 1 is no guidance) where the pipeline spells it otherwise (Qwen-Image's
+            `true_cfg_scale` with a negative prompt; Z-Image's `guidance_scale = w - 1`). Defaults to
+            `{"guidance_scale": w}`.
         lora_target_modules (`tuple[str, ...]`): default LoRA targets (module-name suffixes, peft's convention).
         static_args (`tuple[str, ...]`): captured arguments that are not per-sample although their first dimension
             may equal the batch size (FLUX's position ids).
@@ -80,7 +83,7 @@ class ModelFamily:
     sample_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
     guidance: str = "cfg"
-    cfg_kwargs: Callable[[float], dict[str, Any]] | None = None
+    guidance_kwargs: Callable[[float], dict[str, Any]] | None = None
     lora_target_modules: tuple[str, ...] = ATTENTION_TARGETS
     static_args: tuple[str, ...] = ()
     pack_sample: Callable[[torch.Tensor], Any] | None = None
@@ -112,6 +115,18 @@ def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, list):
         return [_cast_floats(v, dtype) for v in value]
     return value
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    # Sampling runs the denoiser as at inference (no dropout; some models, e.g. HiDream, change their output layout in
+    # training mode), whatever mode the Trainer left it in.
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class PipelineAdapter:
@@ -167,12 +182,10 @@ class PipelineAdapter:
 
     def call_kwargs(self, max_sequence_length: int | None = None, guidance_scale: float = 1.0) -> dict[str, Any]:
         """Pipeline arguments that sample as the trainer does (also shown in the model card's snippet)."""
-        kwargs: dict[str, Any] = {}
-        if self.family.guidance == "cfg" and self.family.cfg_kwargs is not None:
-            if guidance_scale > 1:
-                kwargs.update(self.family.cfg_kwargs(guidance_scale))
+        if self.family.guidance_kwargs is not None:
+            kwargs = dict(self.family.guidance_kwargs(guidance_scale))
         else:
-            kwargs["guidance_scale"] = guidance_scale
+            kwargs = {"guidance_scale": guidance_scale}
         if max_sequence_length is not None and self._accepts("max_sequence_length"):
             kwargs["max_sequence_length"] = max_sequence_length
         return {k: v for k, v in kwargs.items() if self._accepts(k)}
@@ -220,16 +233,17 @@ class PipelineAdapter:
 
         handle = self.denoiser.register_forward_pre_hook(record, with_kwargs=True)
         try:
-            out = self.pipeline(
-                prompt=list(prompts),
-                num_inference_steps=num_inference_steps,
-                height=height,
-                width=width,
-                generator=generator,
-                output_type="pt",
-                callback_on_step_end=on_step_end,
-                **self.call_kwargs(max_sequence_length, guidance_scale),
-            )
+            with eval_mode(self.denoiser):
+                out = self.pipeline(
+                    prompt=list(prompts),
+                    num_inference_steps=num_inference_steps,
+                    height=height,
+                    width=width,
+                    generator=generator,
+                    output_type="pt",
+                    callback_on_step_end=on_step_end,
+                    **self.call_kwargs(max_sequence_length, guidance_scale),
+                )
         finally:
             handle.remove()
         if "latents" not in final:
