@@ -8,13 +8,15 @@ family's frame against the pipeline's own first-order solver.
 import pytest
 import torch
 from datasets import Dataset
-from tiny_families import FAMILIES, build_tiny_pipeline
+from tiny_families import EXTRA_FAMILIES, build_tiny_pipeline
+from tiny_families import FAMILIES as BUILT_IN
 
 from trl_nft import DiffusionNFTConfig, DiffusionNFTTrainer
 from trl_nft.families import UnsupportedPipelineError, get_adapter, get_family
 from trl_nft.families.check import check_family
 
 
+FAMILIES = {**BUILT_IN, **EXTRA_FAMILIES}
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "three yellow circles"]
 REFUSED = {"lcm", "sana-sprint"}
 TRAINED = [name for name in FAMILIES if name not in REFUSED]
@@ -33,6 +35,12 @@ def contrast(prompts, images, **kwargs):
 
 def _max_len(name):
     return FAMILIES[name].call_kwargs.get("max_sequence_length")
+
+
+def _extra(name):
+    """The family's sampling arguments other than those the trainer sets (SANA's resolution binning)."""
+    reserved = ("max_sequence_length", "guidance_scale", "true_cfg_scale")
+    return {k: v for k, v in FAMILIES[name].call_kwargs.items() if k not in reserved}
 
 
 def _config(tmp_path, name, **overrides):
@@ -55,12 +63,14 @@ def _config(tmp_path, name, **overrides):
     )
     if _max_len(name) is not None:
         kwargs["max_sequence_length"] = _max_len(name)
+    if _extra(name):
+        kwargs["pipeline_kwargs"] = _extra(name)
     kwargs.update(overrides)
     return DiffusionNFTConfig(**kwargs)
 
 
 def _sample(pipe, name, adapter):
-    kwargs = adapter.call_kwargs(_max_len(name), 1.0)
+    kwargs = adapter.call_kwargs(_max_len(name), 1.0)  # holds the config's pipeline_kwargs
     size = FAMILIES[name].size
     out = pipe(
         prompt=PROMPTS[:2],
@@ -77,7 +87,7 @@ def _sample(pipe, name, adapter):
 @pytest.mark.parametrize("name", TRAINED)
 def test_family_frame_matches_the_pipelines_own_solver(name):
     pipe = build_tiny_pipeline(name)
-    adapter = get_adapter(pipe, resolution=FAMILIES[name].size)
+    adapter = get_adapter(pipe, resolution=FAMILIES[name].size, pipeline_kwargs=_extra(name))
     assert check_family(adapter, PROMPTS[:2], max_sequence_length=_max_len(name)) < 1e-4
     # Training forwards run in training mode: the velocity must not depend on it (HiDream changes its output layout).
     size = FAMILIES[name].size

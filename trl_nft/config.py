@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -126,7 +127,19 @@ class DiffusionNFTConfig(TrainingArguments):
         metadata={"help": "Image side in pixels. Defaults to the pipeline's own default size (SD3.5-M: 512 is used)."},
     )
     max_sequence_length: int = field(
-        default=128, metadata={"help": "Text context length of the long text encoder (SD3: T5 tokens; official: 128)."}
+        default=128,
+        metadata={
+            "help": "Text context length of the long text encoder (SD3: T5 tokens; official: 128). Passed to pipelines "
+            "whose __call__ takes `max_sequence_length`."
+        },
+    )
+    pipeline_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra keyword arguments for every pipeline call the trainer makes (rollouts, evaluation, "
+            "conditioning capture), e.g. {'use_resolution_binning': false} for SANA. A JSON string on the command "
+            "line. Not for arguments the trainer sets itself (prompt, guidance, size, steps, generator, output_type)."
+        },
     )
 
     # ---------------------------------------------------------------- rewards -> r
@@ -267,6 +280,18 @@ class DiffusionNFTConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if isinstance(self.pipeline_kwargs, str):
+            self.pipeline_kwargs = json.loads(self.pipeline_kwargs)
+        reserved = {
+            "prompt", "guidance_scale", "height", "width", "num_inference_steps", "generator", "output_type",
+            "callback_on_step_end", "max_sequence_length", "true_cfg_scale",
+        }  # fmt: skip
+        clash = sorted(reserved & set(self.pipeline_kwargs or {}))
+        if clash:
+            raise ValueError(
+                f"pipeline_kwargs sets {clash}, which the trainer sets itself: use the config fields instead "
+                "(guidance_scale, resolution, num_inference_steps, max_sequence_length, seed)."
+            )
         if self.num_generations < 2:
             raise ValueError(
                 f"num_generations must be >= 2 (got {self.num_generations}): advantages compare the images of one "

@@ -141,7 +141,7 @@ class DiffusionNFTTrainer(Trainer):
         if not isinstance(args, DiffusionNFTConfig):
             raise TypeError(f"args must be a DiffusionNFTConfig, got {type(args).__name__}.")
         self.pipeline = pipeline
-        self.adapter = get_adapter(pipeline, resolution=args.resolution)
+        self.adapter = get_adapter(pipeline, resolution=args.resolution, pipeline_kwargs=args.pipeline_kwargs)
         pipeline.set_progress_bar_config(disable=True)
 
         # ---------------------------------------------------------------- rewards

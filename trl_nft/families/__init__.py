@@ -179,6 +179,12 @@ FAMILIES: list[ModelFamily] = [
         guidance_kwargs=lambda w: {"guidance_scale": w - 1.0},
         static_args=("position_ids",),
     ),
+    ModelFamily(
+        "ernie-image",
+        ("ErnieImagePipeline",),
+        frame=lambda pipe, res: FlowFrame(scale=_train_steps(pipe)),
+        resolution_multiple=_packed_2x2,
+    ),
     ModelFamily("auraflow", ("AuraFlowPipeline",), frame=lambda pipe, res: FlowFrame(scale=1.0)),
     ModelFamily(
         "hidream",
@@ -228,9 +234,9 @@ def get_family(pipeline) -> ModelFamily:
     )
 
 
-def get_adapter(pipeline, resolution: int | None = None) -> PipelineAdapter:
+def get_adapter(pipeline, resolution: int | None = None, pipeline_kwargs=None) -> PipelineAdapter:
     """The generic adapter for `pipeline`, configured by its family's declaration."""
-    return PipelineAdapter(pipeline, get_family(pipeline), resolution=resolution)
+    return PipelineAdapter(pipeline, get_family(pipeline), resolution=resolution, pipeline_kwargs=pipeline_kwargs)
 
 
 def null_components(name_or_path: str | None) -> list[str]:

@@ -136,14 +136,23 @@ class PipelineAdapter:
         pipeline (`DiffusionPipeline`): the user's pipeline, used as given (device, dtype, scheduler).
         family (`ModelFamily`): its declaration.
         resolution (`int`, *optional*): image side in pixels; defaults to the pipeline's default size.
+        pipeline_kwargs (`dict`, *optional*): extra arguments for every pipeline call (e.g. SANA's
+            `use_resolution_binning`).
     """
 
-    def __init__(self, pipeline, family: ModelFamily, resolution: int | None = None):
+    def __init__(self, pipeline, family: ModelFamily, resolution: int | None = None, pipeline_kwargs=None):
         self.pipeline = pipeline
         self.family = family
+        self.pipeline_kwargs = dict(pipeline_kwargs or {})
         self.resolution = resolution or self.default_resolution
         self.frame = family.frame(pipeline, self.resolution)
         self._call_params = inspect.signature(type(pipeline).__call__).parameters
+        unknown = [k for k in self.pipeline_kwargs if not self._accepts(k)]
+        if unknown:
+            raise ValueError(
+                f"pipeline_kwargs {unknown} are not arguments of {type(pipeline).__name__}.__call__; check their "
+                "spelling in the pipeline's documentation."
+            )
         forward = self.denoiser.forward
         self._forward_signature = inspect.signature(forward)
         self._visited: list[float] = []
@@ -188,7 +197,8 @@ class PipelineAdapter:
             kwargs = {"guidance_scale": guidance_scale}
         if max_sequence_length is not None and self._accepts("max_sequence_length"):
             kwargs["max_sequence_length"] = max_sequence_length
-        return {k: v for k, v in kwargs.items() if self._accepts(k)}
+        kwargs = {k: v for k, v in kwargs.items() if self._accepts(k)}
+        return {**kwargs, **self.pipeline_kwargs}
 
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         bound = self._forward_signature.bind_partial(*args, **kwargs).arguments
