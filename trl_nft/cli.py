@@ -273,6 +273,7 @@ commands:
   eval    Held-out GenEval-style table of the shapes world: trl-nft eval [--lora DIR] [--output_json F]
   push    Publish a finished run to the Hub: trl-nft push RUN_DIR --repo_id USER/NAME [--private]
   env     Print versions for bug reports
+  serve-reward  Serve a reward over HTTP for RemoteReward: trl-nft serve-reward SPEC [--port N] [--token T]
 
 Run 'trl-nft <command> --help' for a command's options."""
 
@@ -307,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         (eval_args,) = TrlParser((EvalArguments,), prog="trl-nft eval").parse_args_and_config(rest)
         evaluate(eval_args)
         return 0
+    if command == "serve-reward":
+        from .rewards.server import main as serve_reward
+
+        return serve_reward(rest)
     if command == "demo":
         from trl import TrlParser
 

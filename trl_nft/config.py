@@ -35,6 +35,8 @@ def _has_accelerator() -> bool:
 LOSS_TYPES = ("adaptive", "velocity")
 SCALE_REWARDS = ("batch", "group", "none")
 DECAY_SCHEDULES = ("linear", "constant")
+REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # = trl_nft.core.REWARD_AGGREGATIONS
+NON_FINITE_REWARDS = ("error", "missing")  # = trl_nft.rewards.calling.NON_FINITE_REWARDS
 
 
 def import_from_string(path: str):
@@ -154,6 +156,22 @@ class DiffusionNFTConfig(TrainingArguments):
             "1.0 each."
         },
     )
+    reward_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={
+            "help": "How several rewards make one: 'sum_then_normalize' = weighted sum of the raw scores, then the "
+            "advantage normalisation (official); 'normalize_then_sum' = each reward normalised within its group "
+            "first, then the weighted sum, then the advantage normalisation (GDPO, arXiv 2601.05242), so a reward "
+            "with a large spread cannot drown one with a small spread."
+        },
+    )
+    non_finite_rewards: str = field(
+        default="error",
+        metadata={
+            "help": "A NaN or infinite score from a reward function: 'error' raises, naming the function (default); "
+            "'missing' treats it as None (no score for that image) and logs a warning."
+        },
+    )
     scale_rewards: str = field(
         default="batch",
         metadata={
@@ -255,6 +273,14 @@ class DiffusionNFTConfig(TrainingArguments):
             "evaluation and saving (official: 0.9). Off by default so that the saved adapter is the trained policy."
         },
     )
+    eval_reference_drift: bool = field(
+        default=False,
+        metadata={
+            "help": "At evaluation, also sample every prompt with the reference model (adapters disabled) from the same "
+            "seeds and log `eval_drift/pixel_rmse`, the RMS pixel distance of trained and reference images (a "
+            "reward-hacking monitor; doubles evaluation time). Needs LoRA or kl_weight > 0 (a reference model)."
+        },
+    )
     num_eval_images_to_log: int = field(
         default=16, metadata={"help": "Evaluation images sent to the trackers as a captioned grid (0: none)."}
     )
@@ -350,6 +376,14 @@ class DiffusionNFTConfig(TrainingArguments):
         need(
             self.scale_rewards in SCALE_REWARDS,
             f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.",
+        )
+        need(
+            self.reward_aggregation in REWARD_AGGREGATIONS,
+            f"reward_aggregation must be one of {REWARD_AGGREGATIONS}, got {self.reward_aggregation!r}.",
+        )
+        need(
+            self.non_finite_rewards in NON_FINITE_REWARDS,
+            f"non_finite_rewards must be one of {NON_FINITE_REWARDS}, got {self.non_finite_rewards!r}.",
         )
         need(self.adv_clip_max > 0, f"adv_clip_max must be > 0 (got {self.adv_clip_max}); the official value is 5.")
         need(

@@ -17,10 +17,8 @@ Logging, progress bars, callbacks, checkpoints and `push_to_hub` come from `tran
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
@@ -42,7 +40,8 @@ from .config import DiffusionNFTConfig, import_from_string
 from .families import get_adapter, load_pipeline, null_components
 from .families.adapter import eval_mode
 from .model_card import write_model_card
-from .rewards import resolve_reward, reward_name
+from .rewards import resolve_reward
+from .rewards.calling import RewardCaller, check_reward_columns, unique_reward_names
 
 
 NFT_STATE_NAME = _checkpoint.STATE_TENSORS
@@ -146,8 +145,10 @@ class DiffusionNFTTrainer(Trainer):
             another class.
         reward_funcs (callable, `str`, or a list of them):
             Each is called as `f(prompts=list[str], images=Tensor[B, 3, H, W] in [0, 1], **other_columns,
-            trainer_state=..., log_metric=...)` and returns one float (or `None`) per image. Strings name a built-in
-            reward (see `trl_nft.rewards.BUILTIN_REWARDS`) or a dotted path `module:function`.
+            trainer_state=..., log_metric=...)` and returns one float (or `None`) per image, or a mapping
+            `{"scores": [...], "<key>": [...]}` with extra per-image values to log. `async def` rewards run on a
+            background event loop. Return values are checked by `trl_nft.rewards.calling` (see docs/rewards.md).
+            Strings name a built-in reward (see `trl_nft.rewards.BUILTIN_REWARDS`) or a dotted path `module:function`.
         args ([`DiffusionNFTConfig`], *optional*):
             Configuration. Defaults to `DiffusionNFTConfig(f"{model_name}-NFT")`.
         train_dataset (`datasets.Dataset` or list of dicts):
@@ -161,6 +162,9 @@ class DiffusionNFTTrainer(Trainer):
         peft_config (`peft.LoraConfig`, *optional*):
             LoRA configuration. Defaults to the family's official targets with `lora_r` / `lora_alpha` and gaussian
             init (official: r=32, alpha=64).
+        eval_reward_funcs (callable, `str`, or a list of them, *optional*):
+            Held-out rewards, scored at evaluation only and never trained on (a reward-hacking monitor): logged as
+            `eval_heldout/<name>/mean|std`. Same forms as `reward_funcs`.
     """
 
     _tag_names = ["trl", "trl_nft", "diffusion-nft", "diffusers", "text-to-image"]
@@ -180,6 +184,7 @@ class DiffusionNFTTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers=(None, None),
         peft_config=None,
+        eval_reward_funcs: Callable | str | Sequence[Callable | str] | None = None,
     ):
         # ---------------------------------------------------------------- pipeline and its family adapter
         if isinstance(model, str | os.PathLike):
@@ -209,7 +214,9 @@ class DiffusionNFTTrainer(Trainer):
         if not reward_funcs:
             raise ValueError("reward_funcs is empty: pass at least one reward function.")
         self.reward_funcs = [resolve_reward(f) for f in reward_funcs]
-        self.reward_func_names = [reward_name(f) for f in self.reward_funcs]
+        self.reward_func_names = unique_reward_names(self.reward_funcs)
+        self._reward_caller = RewardCaller(self.reward_funcs, self.reward_func_names, args.non_finite_rewards)
+        self._setup_eval_monitors(eval_reward_funcs, args)
         if args.reward_weights is None:
             self.reward_weights = torch.ones(len(self.reward_funcs))
         elif len(args.reward_weights) != len(self.reward_funcs):
@@ -343,6 +350,8 @@ class DiffusionNFTTrainer(Trainer):
                 f"{field_name} has no 'prompt' column (columns: {dataset.column_names}). Rename the column that holds "
                 "the text prompts to 'prompt', e.g. dataset.rename_column('text', 'prompt')."
             )
+        if getattr(dataset, "column_names", None):
+            check_reward_columns(dataset.column_names, field_name)
         return dataset
 
     def _setup_lora(self, denoiser, args: DiffusionNFTConfig, peft_config):
@@ -600,10 +609,11 @@ class DiffusionNFTTrainer(Trainer):
         # Advantages are normalised over the whole rollout batch of all processes (official: all-gather).
         all_rewards = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()
         all_prompts = gather_object(prompts)
+        group_ids = core.group_ids_from_keys(all_prompts)
         rewards = core.combine_rewards(all_rewards, self.reward_weights)
         advantages, stats = core.compute_advantages(
-            rewards,
-            core.group_ids_from_keys(all_prompts),
+            self._aggregate_rewards(all_rewards, group_ids),
+            group_ids,
             scale_rewards=self.args.scale_rewards,
             adv_clip_max=self.args.adv_clip_max,
         )
@@ -613,7 +623,7 @@ class DiffusionNFTTrainer(Trainer):
         elapsed = time.perf_counter() - start
 
         metrics = self._metrics["train"]
-        self._log_reward_metrics(metrics, all_rewards, rewards)
+        self._log_reward_metrics(metrics, all_rewards, rewards, group_ids)
         metrics["frac_reward_zero_std"].append(stats.frac_zero_std)
         metrics["samples/images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
         metrics["samples/x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
@@ -626,44 +636,111 @@ class DiffusionNFTTrainer(Trainer):
             )
         return {"x0": x0, "r": r[own].to(x0.device), "prompts": prompts}
 
-    def _log_reward_metrics(self, metrics, rewards_per_func: torch.Tensor, rewards: torch.Tensor):
+    def _aggregate_rewards(self, rewards_per_func: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """`[N]` reward the advantages are computed from, per `reward_aggregation` (see `core.combine_rewards`)."""
+        return core.combine_rewards(
+            rewards_per_func, self.reward_weights, group_ids=group_ids, aggregation=self.args.reward_aggregation
+        )
+
+    def _log_reward_metrics(self, metrics, rewards_per_func: torch.Tensor, rewards: torch.Tensor, group_ids=None):
+        """Per reward: mean/std over its own scores (a `None` is left out of that reward's statistics, not counted as
+        0), the fraction of missing scores and, with `group_ids`, the fraction of groups where it carries no signal.
+        `reward`/`reward_std`: the weighted sum of the raw scores, whatever `reward_aggregation` is."""
+        zero_std = core.frac_zero_std_per_column(rewards_per_func, group_ids) if group_ids is not None else None
         for i, name in enumerate(self.reward_func_names):
             col = rewards_per_func[:, i]
-            col = col[~torch.isnan(col)]
+            missing = torch.isnan(col)
+            col = col[~missing]
             metrics[f"rewards/{name}/mean"].append(col.mean().item() if col.numel() else math.nan)
             metrics[f"rewards/{name}/std"].append(col.std(unbiased=False).item() if col.numel() else math.nan)
+            metrics[f"rewards/{name}/frac_missing"].append(missing.float().mean().item())
+            if zero_std is not None:
+                metrics[f"rewards/{name}/frac_zero_std"].append(zero_std[i])
         valid = rewards[~torch.isnan(rewards)]
         metrics["reward"].append(valid.mean().item() if valid.numel() else math.nan)
         metrics["reward_std"].append(valid.std(unbiased=False).item() if valid.numel() else math.nan)
 
     def _calculate_rewards(self, prompts, images, columns, mode: str) -> torch.Tensor:
-        """`[N, F]` rewards, NaN where a function returned None."""
-        out = torch.full((len(prompts), len(self.reward_funcs)), math.nan)
+        """`[N, F]` rewards, NaN where a function returned None; checked by `trl_nft.rewards.calling.RewardCaller`.
+        Extra per-image values a reward returns are logged as `rewards/<name>/<key>` (mean of the finite ones)."""
 
         def log_metric(name: str, value: float):
             self._metrics[mode][name].append(float(value))
 
-        kwargs = {**columns, "trainer_state": self.state, "log_metric": log_metric}
-        results = [f(prompts=prompts, images=images, **kwargs) for f in self.reward_funcs]
-        pending = [i for i, res in enumerate(results) if inspect.isawaitable(res)]
-        if pending:
+        out = self._reward_caller(prompts, images, **columns, trainer_state=self.state, log_metric=log_metric)
+        for key, values in out.extras.items():
+            finite = [v for v in values if math.isfinite(v)]
+            self._metrics[mode][f"rewards/{key}"].append(sum(finite) / len(finite) if finite else math.nan)
+        diversity = self._within_group_diversity(prompts, images)
+        if not math.isnan(diversity):  # NaN: no prompt with two images here (e.g. evaluation with unique prompts)
+            self._metrics[mode]["diversity/within_group"].append(diversity)
+        return out.scores
 
-            async def _await_all():
-                return await asyncio.gather(*(results[i] for i in pending))
+    # ================================================================================================ reward monitors
+    def _setup_eval_monitors(self, eval_reward_funcs, args: DiffusionNFTConfig) -> None:
+        if eval_reward_funcs is not None and not isinstance(eval_reward_funcs, list | tuple):
+            eval_reward_funcs = [eval_reward_funcs]
+        self.eval_reward_funcs = [resolve_reward(f) for f in eval_reward_funcs or []]
+        self.eval_reward_func_names = unique_reward_names(self.eval_reward_funcs)
+        self._eval_reward_caller = (
+            RewardCaller(self.eval_reward_funcs, self.eval_reward_func_names, args.non_finite_rewards)
+            if self.eval_reward_funcs
+            else None
+        )
+        if args.eval_reference_drift and not (args.use_lora or args.kl_weight > 0):
+            raise ValueError(
+                "eval_reference_drift=True compares with the reference model, which full fine-tuning keeps only when "
+                "kl_weight > 0. Set kl_weight > 0, use LoRA, or set eval_reference_drift=False."
+            )
+        self._monitor_values: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
 
-            for i, res in zip(pending, asyncio.run(_await_all()), strict=True):
-                results[i] = res
-        for j, (name, res) in enumerate(zip(self.reward_func_names, results, strict=True)):
-            if isinstance(res, torch.Tensor):
-                res = res.detach().flatten().tolist()
-            if not isinstance(res, Sequence) or len(res) != len(prompts):
-                got = f"{len(res)} scores" if isinstance(res, Sequence) else f"a {type(res).__name__}"
-                raise ValueError(
-                    f"Reward function {name!r} returned {got} for {len(prompts)} images; it must return a list with "
-                    "one float (or None) per image."
+    @staticmethod
+    def _within_group_diversity(prompts: list[str], images: torch.Tensor) -> float:
+        """`core.within_group_diversity` of images of one prompt, on pixels downsampled to at most 64 px; NaN when
+        no prompt has two images."""
+        size = min(64, images.shape[-1], images.shape[-2])
+        small = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="area")
+        return core.within_group_diversity(small.flatten(1).cpu(), core.group_ids_from_keys(prompts))
+
+    @torch.no_grad()
+    def _eval_monitors(self, prompts, images, columns, seeds: list[int], guidance_scale: float) -> None:
+        """Per evaluation batch: held-out rewards, and the drift of the images from the reference model's."""
+        if self._eval_reward_caller is not None:
+            out = self._eval_reward_caller(
+                prompts, images, **columns, trainer_state=self.state, log_metric=lambda name, value: None
+            )
+            self._monitor_values["heldout"].append(out.scores)
+        if self.args.eval_reference_drift:
+            device = self.accelerator.device
+            with self._policy("ref"):
+                _, reference = self._sample_latents(
+                    prompts,
+                    num_inference_steps=self.args.eval_num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=[torch.Generator(device).manual_seed(s) for s in seeds],
                 )
-            out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in res])
-        return out
+            rmse = (images.float() - reference.float()).flatten(1).pow(2).mean(dim=1).sqrt()
+            self._monitor_values["drift"].append(rmse.cpu())
+
+    def _eval_monitor_metrics(self, prefix: str) -> dict[str, float | None]:
+        """Gather the evaluation monitors of all processes into metrics (and reset them)."""
+        metrics: dict[str, float | None] = {}
+        device = self.accelerator.device
+        if self._eval_reward_caller is not None:
+            local = torch.cat(self._monitor_values["heldout"]) if self._monitor_values["heldout"] else None
+            if local is None:
+                local = torch.empty(0, len(self.eval_reward_funcs))
+            scores = self.accelerator.gather(local.to(device)).cpu()
+            for i, name in enumerate(self.eval_reward_func_names):
+                col = scores[:, i][~torch.isnan(scores[:, i])]
+                metrics[f"{prefix}_heldout/{name}/mean"] = col.mean().item() if col.numel() else None
+                metrics[f"{prefix}_heldout/{name}/std"] = col.std(unbiased=False).item() if col.numel() else None
+        if self.args.eval_reference_drift:
+            local = torch.cat(self._monitor_values["drift"]) if self._monitor_values["drift"] else torch.empty(0)
+            rmse = self.accelerator.gather(local.to(device)).cpu()
+            metrics[f"{prefix}_drift/pixel_rmse"] = rmse.mean().item() if rmse.numel() else None
+        self._monitor_values.clear()
+        return metrics
 
     @contextlib.contextmanager
     def _fail_together(self, what: str):
@@ -847,6 +924,7 @@ class DiffusionNFTTrainer(Trainer):
                     generator=generators,
                 )
                 all_scores.append(self._calculate_rewards(prompts, images, columns, mode="eval"))
+                self._eval_monitors(prompts, images, columns, [self.args.eval_seed + j for j in idx], guidance)
                 all_images.append(images.cpu())
                 all_prompts.extend(prompts)
         # Processes hold different numbers of rows when the prompts do not divide evenly: gather objects, not tensors.
@@ -862,6 +940,7 @@ class DiffusionNFTTrainer(Trainer):
             valid = [v for v in values if not math.isnan(v)]
             metrics[f"{metric_key_prefix}_{key}"] = sum(valid) / len(valid) if valid else None
         self._metrics["eval"].clear()
+        metrics.update(self._eval_monitor_metrics(metric_key_prefix))
         metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
         self._last_eval_images = (torch.cat(all_images), all_prompts) if all_images else None
         with eval_mode(self.model):
