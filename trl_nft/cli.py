@@ -35,7 +35,7 @@ class NFTScriptArguments(ScriptArguments):
         default=None,
         metadata={
             "help": "Base pipeline: a local directory or Hub id loaded with DiffusionPipeline.from_pretrained, or "
-            "'shapes-base' for the tiny pipeline shipped with trl_nft."
+            "'shapes-base' ('shapes-sd3') or 'shapes-unet' for the tiny pipelines shipped with trl_nft."
         },
     )
     reward_funcs: list[str] | None = field(
@@ -98,7 +98,7 @@ def load_prompts(name: str, split: str = "train", config: str | None = None, str
 def load_model(name_or_path: str):
     from .families import load_pipeline
 
-    if name_or_path == "shapes-base":
+    if name_or_path in ("shapes-base", "shapes-sd3", "shapes-unet"):
         from .shapes.pretrain import load_base_pipeline
 
         return load_base_pipeline(name_or_path)
@@ -163,7 +163,11 @@ class EvalArguments:
     """`trl-nft eval`: GenEval-style held-out evaluation on the shapes world."""
 
     model_name_or_path: str = field(
-        default="shapes-base", metadata={"help": "Pipeline to evaluate: 'shapes-base' (shipped) or a local path."}
+        default="shapes-base",
+        metadata={
+            "help": "Pipeline to evaluate: 'shapes-base' / 'shapes-sd3' (the shipped SD3 base), 'shapes-unet' (the "
+            "shipped SD1.x-family UNet base) or a local path."
+        },
     )
     lora: str | None = field(default=None, metadata={"help": "Directory of a LoRA to load with load_lora_weights."})
     eval_num_inference_steps: int = field(default=10, metadata={"help": "Solver steps."})
@@ -316,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         from trl import TrlParser
 
         from .config import DiffusionNFTConfig
-        from .shapes.demo import DEMO_CONFIG, DemoArguments, run_demo
+        from .shapes.demo import DemoArguments, demo_config_for, run_demo
 
         parser = TrlParser((DemoArguments, DiffusionNFTConfig), prog="trl-nft demo")
-        with open(DEMO_CONFIG) as f:
+        with open(demo_config_for(rest)) as f:
             parser.set_defaults_with_config(**yaml.safe_load(f))
         demo_args, training_args = parser.parse_args_and_config(rest)
         _import_from_working_directory()

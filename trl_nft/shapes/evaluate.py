@@ -7,6 +7,7 @@ sizes and checkpoints (before/after RL), which is the point of a fixed evaluatio
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +20,17 @@ from .world import PromptSpec, heldout_items
 
 
 def _image_size(pipe) -> tuple[int, int]:
-    side = pipe.default_sample_size * pipe.vae_scale_factor
+    # SD3-style pipelines keep the latent side in `default_sample_size`; UNet pipelines (SD1.x) in the UNet's config.
+    latent_side = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    side = latent_side * pipe.vae_scale_factor
     return side, side
+
+
+def _call_kwargs(pipe, max_sequence_length: int) -> dict[str, Any]:
+    """`max_sequence_length` only for pipelines whose `__call__` takes it (SD3 does, `StableDiffusionPipeline` not)."""
+    if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        return {"max_sequence_length": max_sequence_length}
+    return {}
 
 
 @torch.no_grad()
@@ -33,7 +43,8 @@ def sample_items(
     batch_size: int = 64,
     max_sequence_length: int = MAX_SEQUENCE_LENGTH,
 ) -> torch.Tensor:
-    """Images `[N, 3, H, W]` in [0, 1] for `(spec, seed)` items, one generator per image, CPU float32 out."""
+    """Images `[N, 3, H, W]` in [0, 1] for `(spec, seed)` items, one generator per image, CPU float32 out.
+    `max_sequence_length` is passed only to pipelines that take it (SD3; not `StableDiffusionPipeline`)."""
     height, width = _image_size(pipe)
     chunks = []
     for start in range(0, len(items), batch_size):
@@ -45,8 +56,8 @@ def sample_items(
             height=height,
             width=width,
             generator=[torch.Generator().manual_seed(int(seed)) for _, seed in batch],
-            max_sequence_length=max_sequence_length,
             output_type="pt",
+            **_call_kwargs(pipe, max_sequence_length),
         )
         chunks.append(out.images.float().clamp(0, 1).cpu())
     return torch.cat(chunks)

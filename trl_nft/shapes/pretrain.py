@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 # trainer, evaluator and demo must sample with the same value.
 MAX_SEQUENCE_LENGTH = 1
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
+# The second shipped base: a `StableDiffusionPipeline` (SD1.x family, UNet, epsilon prediction), `--family sd`.
+UNET_BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_unet")
+# Names of the shipped bases (`load_base_pipeline`, `trl-nft eval/demo --model_name_or_path`).
+BASE_NAMES = {"shapes-base": BASE_DIR, "shapes-sd3": BASE_DIR, "shapes-unet": UNET_BASE_DIR}
 
 
 @dataclass
@@ -49,6 +53,13 @@ class PretrainConfig:
     """Everything that determines the base's weights (with the machine, torch version and `num_threads`)."""
 
     output_dir: str = BASE_DIR
+    # "sd3": the `StableDiffusion3Pipeline` base (rectified flow). "sd": the SD1.x-family `StableDiffusionPipeline`
+    # base (`UNet2DConditionModel`, epsilon-prediction DDPM loss), whose VAE and text encoder start from
+    # `sd_init_from`'s (see `pretrain_unet_components`).
+    family: str = "sd3"
+    # For `family="sd"`: the SD3 base whose trained VAE is copied (frozen) and whose first CLIP text encoder
+    # initialises the UNet base's text encoder.
+    sd_init_from: str = "shapes-base"
     seed: int = 0
     num_threads: int = 2
     # VAE
@@ -87,6 +98,10 @@ class PretrainConfig:
     log_every: int = 50
 
     def __post_init__(self):
+        if self.family not in ("sd3", "sd"):
+            raise ValueError(f"family={self.family!r} is not one of 'sd3' (SD3 transformer base), 'sd' (SD1.x UNet).")
+        if self.family == "sd" and self.output_dir == BASE_DIR:
+            self.output_dir = UNET_BASE_DIR
         if not 0 <= self.lr_decay_steps <= self.transformer_steps:
             raise ValueError(
                 f"lr_decay_steps={self.lr_decay_steps} must lie in [0, transformer_steps={self.transformer_steps}]: "
@@ -166,7 +181,7 @@ def _encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tenso
 def encode_latent_pool(vae, n: int, rng: np.random.Generator, split: str = "all") -> tuple[torch.Tensor, list[str]]:
     """`n` normalised ground-truth latents with their prompts, rendered and encoded once and re-used across epochs."""
     images, prompts = sample_training_batch(n, rng, split)
-    latents = (_encode_images(vae, images) - vae.config.shift_factor) * vae.config.scaling_factor
+    latents = (_encode_images(vae, images) - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
     return latents, prompts
 
 
@@ -178,7 +193,10 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def _with_components(pipe, **components):
     """The same pipeline with some components replaced (sharing every other one)."""
-    return type(pipe)(**{**pipe.components, **components})
+    extra = {}
+    if "requires_safety_checker" in pipe.config:
+        extra["requires_safety_checker"] = pipe.config.requires_safety_checker
+    return type(pipe)(**{**pipe.components, **components}, **extra)
 
 
 def learning_rate_factor(step: int, config: PretrainConfig) -> float:
@@ -270,6 +288,128 @@ def train_transformer(
     return dict(ema)
 
 
+@torch.no_grad()
+def fit_unshifted_scaling(vae, n_images: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Set `scaling_factor = 1 / rms(latents)` and drop `shift_factor`, for SD1.x-family pipelines.
+
+    `StableDiffusionPipeline` maps latents through `z * scaling_factor` only (no shift), so the scale is fitted to the
+    latents' root mean square rather than their standard deviation: the scaled latents then have unit second moment,
+    which the epsilon-prediction noise schedule assumes (SD1.x's 0.18215 was measured the same way, on raw latents).
+    Returns the raw latents' (mean, rms).
+    """
+    images, _ = sample_training_batch(n_images, rng, "all")
+    latents = _encode_images(vae, images)
+    mean, rms = latents.mean().item(), latents.pow(2).mean().sqrt().item()
+    vae.register_to_config(scaling_factor=1.0 / rms, shift_factor=None)
+    return mean, rms
+
+
+def init_sd_from_sd3(pipe, sd3_pipe) -> None:
+    """Start an SD1.x-family shapes pipeline from a trained SD3 shapes base, in place: its VAE is copied (weights and
+    config; latent scale re-fitted by `fit_unshifted_scaling` afterwards) and its first `CLIPTextModelWithProjection`
+    initialises the `CLIPTextModel` (same tokenizer and sizes; the projection, which `StableDiffusionPipeline` does not
+    use, is dropped).
+
+    Raises:
+        ValueError: if the two text encoders or VAEs differ in size.
+    """
+    text_state = {
+        k.removeprefix("text_model."): v
+        for k, v in sd3_pipe.text_encoder.state_dict().items()
+        if not k.startswith("text_projection")
+    }
+    try:
+        pipe.text_encoder.load_state_dict(text_state)
+        pipe.vae.load_state_dict(sd3_pipe.vae.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"sd_init_from's text encoder or VAE does not match the UNet base's sizes: {err}") from err
+    if pipe.tokenizer.get_vocab() != sd3_pipe.tokenizer.get_vocab():
+        raise ValueError("sd_init_from's tokenizer has another vocabulary than the UNet base's.")
+
+
+def train_unet(
+    pipe,
+    latents: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    prompts: list[str],
+    empty_id: int,
+    config: PretrainConfig,
+    generator: torch.Generator,
+) -> dict[str, torch.nn.Module]:
+    """Epsilon-prediction DDPM pretraining of a `StableDiffusionPipeline`'s UNet (and, with `train_text_encoders`,
+    its CLIP text encoder); returns the EMA copies by pipeline component name.
+
+    As SD1.x was trained: t uniform over the 1000 training steps of a `DDPMScheduler` with the pipeline scheduler's
+    `scaled_linear` betas (0.00085-0.012), `x_t = add_noise(x0, eps, t)`, loss `||eps_theta(x_t, t, c) - eps||^2`.
+    Caption dropout, optimizer, warm-up, EMA, logging and checkpoints are those of `train_transformer`.
+    """
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise ValueError("train_unet trains epsilon prediction; the pipeline's scheduler predicts something else.")
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return pipe.encode_prompt(texts, "cpu", 1, do_classifier_free_guidance=False)[0]
+
+    trainable = {"unet": pipe.unet}
+    if config.train_text_encoders:
+        trainable["text_encoder"] = pipe.text_encoder
+        table = None
+    else:
+        with torch.no_grad():
+            table = encode(prompts)
+    model = torch.nn.ModuleDict(trainable).requires_grad_(True).train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    recent: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, config.transformer_steps + 1):
+        idx = torch.randint(len(latents), (config.batch_size,), generator=generator)
+        x0 = latents[idx]
+        ids = prompt_ids[idx].clone()
+        ids[torch.rand(config.batch_size, generator=generator) < config.caption_dropout] = empty_id
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(num_train_timesteps, (config.batch_size,), generator=generator)
+        x_t = noise_scheduler.add_noise(x0, noise, t)
+        if table is None:
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            embeds = encode([prompts[i] for i in unique.tolist()])[inverse]
+        else:
+            embeds = table[ids]
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            pred = model["unet"](x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+        recent = (recent + [loss.item()])[-50:]
+        if step % config.log_every == 0 or step == config.transformer_steps:
+            elapsed = time.perf_counter() - start
+            logger.info(
+                "unet step %d/%d  loss %.4f  grad %.2f  lr %.2e  %.2f s/step",
+                step,
+                config.transformer_steps,
+                np.mean(recent),
+                grad_norm.item(),
+                scheduler.get_last_lr()[0],
+                elapsed / step,
+            )
+        if config.checkpoint_every and config.checkpoint_dir and step % config.checkpoint_every == 0:
+            path = os.path.join(config.checkpoint_dir, f"step-{step}")
+            _with_components(pipe, **ema).save_pretrained(path)
+            logger.info("saved EMA checkpoint %s", path)
+    model.requires_grad_(False).eval()
+    return dict(ema)
+
+
 def pretrain(config: PretrainConfig):
     """Build, train and return the base pipeline (not saved; see `main`)."""
     from .tiny import build_tiny_sd3_pipeline
@@ -281,6 +421,19 @@ def pretrain(config: PretrainConfig):
     if config.init_from is not None:
         pipe = load_base_pipeline(config.init_from)
         logger.info("continuing from %s; its VAE is kept", resolve_base_path(config.init_from))
+    elif config.family == "sd":
+        from .tiny import build_tiny_sd_pipeline
+
+        pipe = build_tiny_sd_pipeline(VOCABULARY, "shapes", seed=config.seed)
+        init_sd_from_sd3(pipe, load_base_pipeline(config.sd_init_from))
+        mean, rms = fit_unshifted_scaling(pipe.vae, config.normalisation_images, rng)
+        logger.info(
+            "VAE and text encoder from %s; raw latent mean %.4f rms %.4f -> scaling_factor %.4f",
+            resolve_base_path(config.sd_init_from),
+            mean,
+            rms,
+            pipe.vae.config.scaling_factor,
+        )
     else:
         pipe = build_tiny_sd3_pipeline(VOCABULARY, "shapes", seed=config.seed)
         t0 = time.perf_counter()
@@ -299,26 +452,33 @@ def pretrain(config: PretrainConfig):
     prompt_ids = torch.tensor([index[p] for p in pool_prompts])
     logger.info("encoded %d latents in %.0f s", len(latents), time.perf_counter() - t0)
 
-    ema = train_transformer(pipe, latents, prompt_ids, [*prompts, ""], len(prompts), config, generator)
+    train = train_unet if config.family == "sd" else train_transformer
+    ema = train(pipe, latents, prompt_ids, [*prompts, ""], len(prompts), config, generator)
     pipe = _with_components(pipe, **ema)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def resolve_base_path(path: str) -> str:
-    """`"shapes-base"` names the shipped base; anything else is a directory."""
-    return BASE_DIR if path == "shapes-base" else path
+    """`"shapes-base"` (alias `"shapes-sd3"`) names the shipped SD3 base, `"shapes-unet"` (alias `"unet"`) the shipped
+    SD1.x-family UNet base; anything else is a directory."""
+    if path == "unet":
+        path = "shapes-unet"
+    return BASE_NAMES.get(path, path)
 
 
 def load_base_pipeline(path: str = "shapes-base", **kwargs):
-    """A shapes base pipeline: `"shapes-base"` (the one shipped in `trl_nft/shapes/base`) or a directory written by
-    this script. Sample it with `max_sequence_length=MAX_SEQUENCE_LENGTH`."""
+    """A shapes base pipeline: `"shapes-base"` / `"shapes-sd3"` (the `StableDiffusion3Pipeline` shipped in
+    `trl_nft/shapes/base`), `"shapes-unet"` / `"unet"` (the `StableDiffusionPipeline` shipped in
+    `trl_nft/shapes/base_unet`) or a directory written by this script. Sample the SD3 base with
+    `max_sequence_length=MAX_SEQUENCE_LENGTH` (`StableDiffusionPipeline` takes no such argument)."""
     from ..families import load_pipeline
 
     path = resolve_base_path(path)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
-            f"No shapes base model in {path}; build it with `python -m trl_nft.shapes.pretrain --output_dir {path}`."
+            f"No shapes base model in {path}; build it with `python -m trl_nft.shapes.pretrain --output_dir {path}` "
+            "(add `--family sd` for a UNet base)."
         )
     return load_pipeline(path, **kwargs)
 

@@ -1,6 +1,8 @@
-"""Tiny, real `StableDiffusion3Pipeline`s built from configs, with no download.
+"""Tiny, real `StableDiffusion3Pipeline`s and `StableDiffusionPipeline`s (SD1.x family) built from configs, with no
+download.
 
-Used by the test-suite and as the architecture of the shipped shapes-world base model. Every part is a real diffusers
+Used by the test-suite and as the architectures of the shipped shapes-world bases (`build_tiny_sd3_pipeline`:
+`trl_nft/shapes/base`; `build_tiny_sd_pipeline`: `trl_nft/shapes/base_unet`). For SD3: Every part is a real diffusers
 or transformers class (VAE, two CLIP text encoders with word-level tokenizers, SD3 transformer, flow-matching
 scheduler), so `save_pretrained` / `DiffusionPipeline.from_pretrained` / `load_lora_weights` work on it as on
 SD3.5. There is no T5: with `text_encoder_3=None` the pipeline feeds zeros for its part of the context.
@@ -151,6 +153,139 @@ def build_tiny_sd3_pipeline(
         tokenizer_2=build_word_tokenizer(vocabulary, spec.text_max_length),
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass(frozen=True)
+class TinySDSpec:
+    """Sizes of a tiny SD1.x-family pipeline (`StableDiffusionPipeline`, a `UNet2DConditionModel`).
+
+    `preset("test")` is the fastest; `preset("shapes")` is the UNet base shipped in `trl_nft/shapes/base_unet`.
+    """
+
+    sample_size: int = 16  # latent side; image side = sample_size * 2 (one VAE down-block)
+    block_out_channels: tuple[int, ...] = (32, 64, 96)
+    layers_per_block: int = 1
+    attention_head_dim: int = 32  # per-head width; heads = block width / attention_head_dim
+    norm_num_groups: int = 32
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_max_length: int = 16
+    vae_channels: tuple[int, ...] = (32, 64)
+
+    @classmethod
+    def preset(cls, name: str) -> TinySDSpec:
+        if name == "test":
+            return cls(
+                sample_size=8,
+                block_out_channels=(16, 32),
+                attention_head_dim=8,
+                norm_num_groups=8,
+                text_hidden=16,
+                vae_channels=(8, 16),
+            )
+        if name == "shapes":
+            return cls()
+        raise ValueError(f"Unknown tiny pipeline preset {name!r}: use 'test' or 'shapes'.")
+
+
+def _tiny_vae(vae_channels: Sequence[int], sample_size: int, scaling_factor: float = 1.0, shift_factor=0.0):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
+        block_out_channels=list(vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(8, vae_channels[0]),
+        sample_size=sample_size * 2 ** (len(vae_channels) - 1),
+        mid_block_add_attention=False,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
+def sd_scheduler_config() -> dict:
+    """The SD1.x noise schedule (`scaled_linear` betas 0.00085-0.012 over 1000 steps, epsilon prediction) with the
+    sampling settings of the SD1.5 DDIM scheduler (`set_alpha_to_one=False`, `steps_offset=1`, leading spacing)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def build_tiny_sd_pipeline(vocabulary: Sequence[str], spec: TinySDSpec | str = "test", seed: int = 0):
+    """Build a randomly initialised tiny `StableDiffusionPipeline` (CPU, float32), the SD1.x family.
+
+    Parts: a `UNet2DConditionModel` with cross-attention down/up blocks, one `CLIPTextModel` with the word-level
+    tokenizer of `build_word_tokenizer`, an `AutoencoderKL` (×2 downsampling, 4 latent channels) and a
+    `DDIMScheduler` with SD1.x settings (`sd_scheduler_config`); no safety checker or feature extractor.
+
+    Args:
+        vocabulary: the words prompts may use (others map to `<unk>`).
+        spec: a `TinySDSpec` or a preset name (`"test"` or `"shapes"`).
+        seed: seeds the weight initialisation, so two calls give identical pipelines.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if isinstance(spec, str):
+        spec = TinySDSpec.preset(spec)
+    tokenizer = build_word_tokenizer(vocabulary, spec.text_max_length)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 2,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=2,
+        max_position_embeddings=spec.text_max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config)
+    # As for the SD3 builder: wider random embeddings keep prompts apart before any training.
+    embeddings = text_encoder.get_input_embeddings().weight, text_encoder.embeddings.position_embedding.weight
+    torch.nn.init.normal_(embeddings[0], std=1.0)
+    torch.nn.init.normal_(embeddings[1], std=0.5)
+    n_blocks = len(spec.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=spec.sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["CrossAttnDownBlock2D"] * n_blocks,
+        up_block_types=["CrossAttnUpBlock2D"] * n_blocks,
+        block_out_channels=list(spec.block_out_channels),
+        layers_per_block=spec.layers_per_block,
+        attention_head_dim=[c // spec.attention_head_dim for c in spec.block_out_channels],
+        norm_num_groups=spec.norm_num_groups,
+        cross_attention_dim=spec.text_hidden,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(spec.vae_channels, spec.sample_size),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**sd_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
