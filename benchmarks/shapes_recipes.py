@@ -27,7 +27,7 @@ _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "a
 # a slower old (sampling) policy as a trust region for small beta: eta = min(0.003 step, 0.9)
 _OLD_POLICY_0_9 = ["--old_policy_decay_rate", "0.003", "--old_policy_decay_max", "0.9"]
 # The demo recipe before runs ap-aw: the paper's beta=1 and old-policy schedule min(0.001 step, 0.5), optimizer batches
-# of 32. Every recipe measured against it (docs/shapes_world.md, runs a-ao) starts from these flags, so that its
+# of 32. Every recipe measured against it (benchmarks/shapes_recipes_report.md, runs a-ao) starts from these flags, so that its
 # numbers do not move when the shipped config does; a recipe's own flags come after and override them.
 _BETA1_DEMO = ["--nft_beta", "1.0", "--old_policy_decay_rate", "0.001", "--old_policy_decay_max", "0.5",
                "--per_device_train_batch_size", "32"]
@@ -44,11 +44,11 @@ _OVER_BETA1_DEMO: dict[str, list[str]] = {
     "official_1step": ["--steps_per_generation", "1", "--per_device_train_batch_size", "128",
                        "--timestep_fraction", "0.99", "--kl_weight", "1e-4"],
     "num_iterations2": ["--num_iterations", "2"],
-    "plus_strict_reward": ["--rewards", "shapes,shapes_strict", "--reward_weights", "1.0", "1.0"],
+    "plus_strict_reward": ["--reward_funcs", "shapes", "shapes_strict", "--reward_weights", "1.0", "1.0"],
     "lr_linear_decay": ["--lr_scheduler_type", "linear", "--max_steps", "800"],
     "tag_mix": ["--tag_weights", "single_object=99,two_object=198,counting=24,colors=22,position=2,color_attr=14"],
     "inner8": ["--steps_per_generation", "8", "--per_device_train_batch_size", "16"],
-    # smaller NFT guidance strength: faster, then diverges after ~300 steps on the shipped base (docs/shapes_world.md)
+    # smaller NFT guidance strength: faster, then diverges after ~300 steps on the shipped base (benchmarks/shapes_recipes_report.md)
     "beta0.1": ["--nft_beta", "0.1"],
     "beta0.3": ["--nft_beta", "0.3"],
     "beta0.1_lr_decay": ["--nft_beta", "0.1", "--lr_scheduler_type", "linear", "--max_steps", "420"],
@@ -56,7 +56,7 @@ _OVER_BETA1_DEMO: dict[str, list[str]] = {
     # freezes by step ~210 and the run stalls at 0.56-0.59
     "beta0.1_ocr_decay": ["--nft_beta", "0.1", "--old_policy_decay_delay", "75", "--old_policy_decay_rate", "0.0075",
                           "--old_policy_decay_max", "0.999"],
-    # the trust region keeps beta=0.3 and beta=0.1 from diverging (docs/shapes_world.md, runs ah-au)
+    # the trust region keeps beta=0.3 and beta=0.1 from diverging (benchmarks/shapes_recipes_report.md, runs ah-au)
     "beta0.3_old_policy_0.9": ["--nft_beta", "0.3", *_OLD_POLICY_0_9],
     "beta0.1_old_policy_0.9": ["--nft_beta", "0.1", *_OLD_POLICY_0_9],
     # with all ten rollout times trained (the batch-64 variant of the trust region is the shipped demo)

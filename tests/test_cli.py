@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import PROMPTS
 
@@ -39,11 +40,8 @@ def test_train_from_yaml_with_flag_override(tiny_pipe, tmp_path):
         "disable_tqdm": True,
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
+    # my_rewards.py imports because it sits in the working directory (as in TRL's scripts), not through PYTHONPATH.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [*_cli(), "train", "--config", str(tmp_path / "run.yaml"), "--max_steps", "2"],
         capture_output=True,
@@ -67,3 +65,29 @@ def test_cli_usage_and_unknown_command():
     assert proc.returncode == 0 and "trl-nft train" in proc.stdout
     proc = subprocess.run([*_cli(), "fly"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown command 'fly'" in proc.stderr
+
+
+def test_train_requires_a_reward_and_env_prints_versions(tmp_path):
+    from trl_nft.cli import NFTScriptArguments, train
+    from trl_nft.config import DiffusionNFTConfig
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    script_args = NFTScriptArguments(model_name_or_path="shapes-base", dataset_name=str(tmp_path / "prompts.txt"))
+    with pytest.raises(ValueError, match="reward_funcs is required.*--reward_funcs shapes"):
+        train(script_args, DiffusionNFTConfig(output_dir=str(tmp_path / "out"), report_to="none"))
+    proc = subprocess.run([*_cli(), "env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for name in ("trl_nft", "trl", "transformers", "diffusers", "peft", "torch", "huggingface_hub"):
+        assert f"- {name} version: " in proc.stdout, name
+
+
+def test_prompt_sources_follow_trl_script_arguments(tmp_path):
+    from trl_nft.cli import load_prompts
+
+    assert len(load_prompts("shapes", "test")) > 0 and load_prompts("shapes", "test")[0]["prompt"]
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    assert load_prompts(str(tmp_path / "p.txt"))["prompt"] == ["a", "b"]
+    with pytest.raises(ValueError, match="only has a 'train' split"):
+        load_prompts(str(tmp_path / "p.txt"), "test")
+    with pytest.raises(ValueError, match="dataset_streaming is not supported"):
+        load_prompts("shapes", streaming=True)

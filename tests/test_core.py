@@ -16,6 +16,55 @@ def test_combine_rewards_is_weighted_sum_ignoring_missing():
     assert math.isnan(out[2].item())
 
 
+def test_normalize_then_sum_normalises_each_reward_within_its_group():
+    nan = float("nan")
+    # reward 0 spreads by 100 in group 0, reward 1 by 0.01: each counts equally after per-group normalisation
+    rewards = torch.tensor([[0.0, 0.00], [100.0, 0.01], [5.0, 1.0], [5.0, nan], [nan, nan], [7.0, 3.0]])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = core.combine_rewards(rewards, [1.0, 2.0], group_ids=groups, aggregation="normalize_then_sum")
+    eps = 1e-4
+    z0 = 50.0 / (50.0 + eps)  # (x - mean) / (std + eps) with population std 50 for reward 0 in group 0
+    z1 = 0.005 / (0.005 + eps)
+    assert out[0].item() == pytest.approx(-z0 - 2 * z1, rel=1e-5)
+    assert out[1].item() == pytest.approx(z0 + 2 * z1, rel=1e-5)
+    # group 1: reward 0 has no spread (0 after centring); reward 1 has one score (0), the None contributes 0
+    assert out[2].item() == pytest.approx(0.0, abs=1e-6) and out[3].item() == pytest.approx(0.0, abs=1e-6)
+    # a row with no score stays NaN; a lone score in a group normalises to 0
+    assert math.isnan(out[4].item()) and out[5].item() == pytest.approx(0.0, abs=1e-6)
+    # the official order is a weighted sum of the raw scores, whatever the groups
+    torch.testing.assert_close(
+        core.combine_rewards(rewards, [1.0, 2.0], group_ids=groups),
+        core.combine_rewards(rewards, [1.0, 2.0]),
+        equal_nan=True,
+    )
+    with pytest.raises(ValueError, match="group_ids"):
+        core.combine_rewards(rewards, [1.0, 2.0], aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        core.combine_rewards(rewards, [1.0, 2.0], group_ids=groups, aggregation="mean")
+
+
+def test_dead_reward_is_never_reported_as_healthy():
+    nan = float("nan")
+    groups = torch.tensor([0, 0, 1, 1])
+    # every score of group 1 is missing: that group carries no signal and must count as zero-std
+    _, stats = core.compute_advantages(torch.tensor([0.0, 1.0, nan, nan]), groups)
+    assert stats.frac_zero_std == 0.5
+    _, stats = core.compute_advantages(torch.full((4,), nan), groups)
+    assert stats.frac_zero_std == 1.0
+    per_reward = torch.tensor([[0.0, nan, 1.0], [1.0, nan, 1.0], [2.0, nan, 3.0], [5.0, 4.0, 3.0]])
+    assert core.frac_zero_std_per_column(per_reward, groups) == [0.0, 1.0, 1.0]
+
+
+def test_within_group_diversity_known_answers():
+    features = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5], [0.5, 0.5], [3.0, 3.0]])
+    groups = torch.tensor([0, 0, 1, 1, 2])
+    # group 0: one pair at RMS distance 1; group 1: identical images (collapse); group 2: alone, skipped
+    assert core.within_group_diversity(features, groups) == pytest.approx(0.5)
+    three = torch.tensor([[0.0], [1.0], [3.0]])  # pairwise 1, 3, 2 -> mean 2
+    assert core.within_group_diversity(three, torch.zeros(3, dtype=torch.long)) == pytest.approx(2.0)
+    assert math.isnan(core.within_group_diversity(features[:2], torch.tensor([0, 1])))
+
+
 def test_advantages_group_mean_global_std_and_clip():
     rewards = torch.tensor([1.0, 3.0, 10.0, 10.0])
     groups = core.group_ids_from_keys(["a", "a", "b", "b"])

@@ -75,7 +75,7 @@ def test_eval_cli_prints_table_and_writes_json(tmp_path):
     assert runs[0].stdout == runs[1].stdout  # same numbers on every run
     data = json.loads(out.read_text())
     assert data["n"] == 18 and len(data["per_item"]) == 18 and "overall" in data["table"]
-    assert data["args"]["split"] == "heldout"
+    assert data["args"]["dataset_test_split"] == "test"
 
 
 def test_eval_cli_train_split_and_bad_split(tmp_path):
@@ -83,13 +83,13 @@ def test_eval_cli_train_split_and_bad_split(tmp_path):
     from trl_nft.shapes import train_prompts
 
     out = tmp_path / "train.json"
-    args = [*_cli(), "eval", "--split", "train", "--heldout_per_tag", "2", "--output_json", str(out)]
+    args = [*_cli(), "eval", "--dataset_test_split", "train", "--heldout_per_tag", "2", "--output_json", str(out)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     train = {s.prompt for s in train_prompts()}
     assert all(item["prompt"] in train for item in json.loads(out.read_text())["per_item"])
-    with pytest.raises(ValueError, match="split must be 'heldout' or 'train'"):
-        EvalArguments(split="test")
+    with pytest.raises(ValueError, match="dataset_test_split must be 'test' .* or 'train'"):
+        EvalArguments(dataset_test_split="heldout")
 
 
 def test_simple_reward_rises_with_a_fixed_seed(base_pipe, tmp_path):
@@ -215,7 +215,7 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path, monkeypatch):
     assert "Held-out evaluation" in card and "load_lora_weights" in card
     # The card's snippet runs as written (from the directory that holds the adapter) and samples as trained.
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "text_encoder_3=None" in snippet and "max_sequence_length=1" in snippet, snippet
+    assert 'load_base_pipeline("shapes-base")' in snippet and "max_sequence_length=1" in snippet, snippet
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(snippet, namespace)

@@ -43,13 +43,15 @@ def test_minimal_config_runs(tiny_pipe, tmp_path):
         "rewards/brightness/std",
         "kl",
         "frac_reward_zero_std",
-        "old_deviate",
-        "x0_norm",
-        "old_decay",
-        "images_per_second",
+        "old_policy/deviation",
+        "old_policy/decay",
+        "samples/x0_norm",
+        "samples/images_per_second",
+        "step_time",
     ):
         assert key in logged and logged[key] is not None and math.isfinite(logged[key]), key
-    assert logged["old_decay"] == pytest.approx(0.001)  # paper: eta_1 = min(0.001 * 1, 0.5)
+    assert logged["old_policy/decay"] == pytest.approx(0.001)  # paper: eta_1 = min(0.001 * 1, 0.5)
+    assert logged["step_time"] > 0
 
 
 def test_training_changes_only_the_lora_adapters(tiny_pipe, tmp_path):
@@ -298,30 +300,69 @@ def test_string_model_is_loaded_with_from_pretrained(tiny_pipe, tmp_path):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
-def test_eval_images_and_metrics_reach_tensorboard(tiny_pipe, tmp_path, monkeypatch):
+def test_rollout_and_eval_images_reach_tensorboard_and_the_public_hook(tiny_pipe, tmp_path, monkeypatch):
+    import warnings
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainerCallback
 
     from trl_nft import DiffusionNFTTrainer
 
+    class Gallery(TrainerCallback):
+        def __init__(self):
+            self.calls = []
+
+        def on_log_images(self, args, state, control, key, images, captions, grid, **kwargs):
+            self.calls.append((key, state.global_step, len(images), captions, grid.size))
+
+    gallery = Gallery()
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     args = tiny_config(
-        tmp_path, max_steps=1, report_to=["tensorboard"], eval_strategy="steps", eval_steps=1, num_eval_images_to_log=4
+        tmp_path,
+        max_steps=1,
+        report_to=["tensorboard"],
+        eval_strategy="steps",
+        eval_steps=1,
+        num_eval_images_to_log=4,
+        num_rollout_images_to_log=4,
     )
-    trainer = DiffusionNFTTrainer(
-        tiny_pipe,
-        "brightness",
-        args=args,
-        train_dataset=[{"prompt": p} for p in PROMPTS],
-        eval_dataset=[{"prompt": p} for p in PROMPTS],
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = DiffusionNFTTrainer(
+            tiny_pipe,
+            "brightness",
+            args=args,
+            train_dataset=[{"prompt": p} for p in PROMPTS],
+            eval_dataset=[{"prompt": p} for p in PROMPTS],
+            callbacks=[gallery],
+        )
+    assert not [w for w in caught if "multiple adapters" in str(w.message)]  # the second adapter is by design
     trainer.train()  # eval_strategy="steps" runs evaluate() after step 1, as in any Trainer
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    assert "eval/samples" in events.Tags()["images"]
+    assert {"eval/samples", "train/rollout_samples"} <= set(events.Tags()["images"])
     image = events.Images("eval/samples")[-1]
     assert image.step == 1 and image.width >= 4 * 32 and image.height >= 32
+    assert events.Images("train/rollout_samples")[-1].step == 1
     scalars = events.Tags()["scalars"]
-    assert "eval/reward" in scalars and "train/reward" in scalars and "train/old_deviate" in scalars
+    assert {"eval/reward", "train/reward", "train/old_policy/deviation", "train/step_time"} <= set(scalars)
+    keys = [call[0] for call in gallery.calls]
+    assert keys == ["train/rollout_samples", "eval/samples"]
+    rollout = gallery.calls[0]
+    assert rollout[2] == 4 and all(c.startswith("R=") and " r=" in c for c in rollout[3])
+    assert gallery.calls[1][3] == PROMPTS[:4]
+
+
+def test_log_mode_follows_the_model_mode(tiny_pipe, tmp_path):
+    """An evaluation under another prefix is still logged as an evaluation and leaves the training window alone."""
+    trainer = _trainer(tiny_pipe, tmp_path, max_steps=1)
+    trainer.eval_dataset = trainer._as_dataset([{"prompt": p} for p in PROMPTS[:2]], "eval_dataset")
+    trainer.model.train()
+    trainer._metrics["train"]["reward"].append(0.5)
+    metrics = trainer.evaluate(metric_key_prefix="test")
+    assert "test_reward" in metrics and trainer.model.training
+    assert trainer._metrics["train"]["reward"] == [0.5]
+    assert "reward" not in trainer.state.log_history[-1]
 
 
 def test_bf16_on_a_cpu_only_machine_means_cpu_autocast(tmp_path):
@@ -331,3 +372,164 @@ def test_bf16_on_a_cpu_only_machine_means_cpu_autocast(tmp_path):
 
     args = DiffusionNFTConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
     assert args.bf16 and args.use_cpu == (not _has_accelerator())
+
+
+def test_non_finite_reward_fails_before_any_update_or_is_missing_by_choice(tiny_pipe, tmp_path, caplog):
+    """Issue 13-A: one -inf of eight used to turn every LoRA tensor into NaN."""
+
+    def spiky(prompts, images, **kwargs):
+        return [float("-inf") if i == 3 else float(images[i].mean()) for i in range(len(prompts))]
+
+    trainer = _trainer(tiny_pipe, tmp_path, rewards=spiky, max_steps=1)
+    before = _snapshot(tiny_pipe)
+    with pytest.raises(ValueError, match=r"'spiky' returned 1 non-finite score\(s\) for 8 images \(image 3: -inf\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(tiny_pipe).items())
+
+
+def test_non_finite_rewards_missing_trains_on_the_rest(tiny_pipe, tmp_path, caplog):
+    def spiky(prompts, images, **kwargs):
+        return [float("-inf") if i == 3 else float(images[i].mean()) for i in range(len(prompts))]
+
+    def dead(prompts, images, **kwargs):
+        return [float("nan")] * len(prompts)
+
+    trainer = _trainer(tiny_pipe, tmp_path, rewards=[spiky, dead], max_steps=1, non_finite_rewards="missing")
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    logs = trainer.state.log_history[0]
+    assert "treated as missing" in caplog.text
+    assert all(torch.isfinite(p).all() for p in trainer._trainable)
+    assert math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"])
+    assert logs["rewards/spiky/frac_missing"] == 1 / 8 and logs["rewards/dead/frac_missing"] == 1.0
+    # the dead reward is reported as carrying no signal, not as healthy
+    assert logs["rewards/dead/frac_zero_std"] == 1.0 and logs["rewards/spiky/frac_zero_std"] == 0.0
+    assert logs["rewards/dead/mean"] is None
+
+
+def test_all_rewards_missing_is_warned_and_counted_as_zero_std(tiny_pipe, tmp_path, caplog):
+    import logging
+
+    def nothing(prompts, images, **kwargs):
+        return [None] * len(prompts)
+
+    trainer = _trainer(tiny_pipe, tmp_path, rewards=nothing, max_steps=1)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "No reward function scored 8 of 8 images" in caplog.text
+    assert trainer.state.log_history[0]["frac_reward_zero_std"] == 1.0
+
+
+def test_partials_and_instances_of_one_reward_are_logged_apart(tiny_pipe, tmp_path):
+    import functools
+
+    def scaled(prompts, images, scale, **kwargs):
+        return (scale * images.mean(dim=(1, 2, 3))).tolist()
+
+    trainer = _trainer(
+        tiny_pipe, tmp_path, rewards=[functools.partial(scaled, scale=1.0), functools.partial(scaled, scale=3.0)]
+    )
+    assert trainer.reward_func_names == ["scaled_1", "scaled_2"]
+    trainer.args.max_steps = 1
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["rewards/scaled_2/mean"] == pytest.approx(3 * logs["rewards/scaled_1/mean"], rel=1e-5)
+
+
+def test_dataset_columns_that_shadow_reward_arguments_are_refused(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match=r"train_dataset has column\(s\) \['images'\]"):
+        _trainer(tiny_pipe, tmp_path, dataset=[{"prompt": p, "images": "x"} for p in PROMPTS])
+    from trl_nft import DiffusionNFTTrainer
+
+    with pytest.raises(ValueError, match=r"eval_dataset has column\(s\) \['trainer_state'\]"):
+        DiffusionNFTTrainer(
+            tiny_pipe,
+            "brightness",
+            args=tiny_config(tmp_path),
+            train_dataset=[{"prompt": p} for p in PROMPTS],
+            eval_dataset=[{"prompt": p, "trainer_state": 1} for p in PROMPTS],
+        )
+
+
+def test_async_reward_trains_inside_a_running_event_loop_with_gdpo_and_extras(tiny_pipe, tmp_path):
+    """Issue 13-E: `trainer.train()` in a notebook cell (a running loop) used to fail after the rollout."""
+
+    async def async_bright(prompts, images, **kwargs):
+        await asyncio.sleep(0)
+        values = images.mean(dim=(1, 2, 3))
+        return {"scores": values, "doubled": (2 * values).tolist()}
+
+    def tiny_spread(prompts, images, **kwargs):
+        return (1e-3 * images[:, 0].mean(dim=(1, 2))).tolist()
+
+    trainer = _trainer(
+        tiny_pipe, tmp_path, rewards=[async_bright, tiny_spread], max_steps=1, reward_aggregation="normalize_then_sum"
+    )
+
+    async def notebook_cell():
+        trainer.train()
+
+    asyncio.run(notebook_cell())
+    logs = trainer.state.log_history[0]
+    assert logs["rewards/async_bright/doubled"] == pytest.approx(2 * logs["rewards/async_bright/mean"], rel=1e-5)
+    # `reward` stays the weighted sum of raw scores for monitoring, whatever the aggregation for advantages
+    expected = logs["rewards/async_bright/mean"] + logs["rewards/tiny_spread/mean"]
+    assert logs["reward"] == pytest.approx(expected, rel=1e-5)
+    assert math.isfinite(logs["loss"])
+
+
+def test_remote_reward_in_a_real_training_step_and_state_intact_after_failure(tiny_pipe, tmp_path):
+    import threading
+
+    from trl_nft.rewards import RemoteReward, RemoteRewardError, brightness
+    from trl_nft.rewards.server import RewardServer
+
+    server = RewardServer(brightness, "127.0.0.1", 0, token="t0k")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = RemoteReward(server.url, token="t0k", name="remote_brightness", batch_size=3)
+        trainer = _trainer(tiny_pipe, tmp_path, rewards=[remote, "redness"], max_steps=1)
+        trainer.train()
+        logs = trainer.state.log_history[0]
+        assert server.num_scored == 8 and 0 < logs["rewards/remote_brightness/mean"] < 1
+        assert math.isfinite(logs["loss"]) and "rewards/redness/mean" in logs
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the server is gone: the next rollout's scoring fails with the URL named, before any update
+    remote.max_retries, remote.backoff = 1, 0.0
+    before = {i: p.detach().clone() for i, p in enumerate(trainer._trainable)}
+    trainer.args.max_steps = 2
+    with pytest.raises(RemoteRewardError, match=rf"Reward server {server.url}/score did not answer after 2 attempts"):
+        trainer.train()
+    assert trainer.state.global_step == 0  # the failed rollout took no optimizer step
+    assert all(torch.equal(before[i], p) for i, p in enumerate(trainer._trainable))
+
+
+def test_reward_hacking_monitors_heldout_rewards_diversity_and_reference_drift(tiny_pipe, tmp_path):
+    from trl_nft import DiffusionNFTTrainer
+    from trl_nft.rewards import brightness
+
+    eval_rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(2)]  # each prompt twice, two seeds
+    trainer = DiffusionNFTTrainer(
+        tiny_pipe,
+        "brightness",
+        args=tiny_config(tmp_path, max_steps=1, eval_reference_drift=True, learning_rate=1e-2),
+        train_dataset=[{"prompt": p} for p in PROMPTS],
+        eval_dataset=eval_rows,
+        eval_reward_funcs=[brightness, "redness"],
+    )
+    assert trainer.eval_reward_func_names == ["brightness", "redness"]
+    before = trainer.evaluate()
+    # a held-out reward scores the very images the trained rewards score
+    assert before["eval_heldout/brightness/mean"] == pytest.approx(before["eval_rewards/brightness/mean"], rel=1e-6)
+    assert "eval_heldout/redness/mean" in before and "eval_rewards/redness/mean" not in before
+    assert before["eval_drift/pixel_rmse"] == 0.0  # LoRA starts as the identity (lora_B = 0)
+    assert before["eval_diversity/within_group"] > 0
+    trainer.train()
+    assert trainer.state.log_history[0]["diversity/within_group"] > 0
+    after = trainer.evaluate()
+    assert after["eval_drift/pixel_rmse"] > 0

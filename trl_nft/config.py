@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -21,14 +22,21 @@ logger = logging.get_logger(__name__)
 
 
 def _has_accelerator() -> bool:
-    checks = (is_torch_cuda_available, is_torch_xla_available, is_torch_mps_available, is_torch_xpu_available,
-              is_torch_npu_available)
+    checks = (
+        is_torch_cuda_available,
+        is_torch_xla_available,
+        is_torch_mps_available,
+        is_torch_xpu_available,
+        is_torch_npu_available,
+    )
     return any(check() for check in checks)
 
 
 LOSS_TYPES = ("adaptive", "velocity")
 SCALE_REWARDS = ("batch", "group", "none")
 DECAY_SCHEDULES = ("linear", "constant")
+REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # = trl_nft.core.REWARD_AGGREGATIONS
+NON_FINITE_REWARDS = ("error", "missing")  # = trl_nft.rewards.calling.NON_FINITE_REWARDS
 
 
 def import_from_string(path: str):
@@ -148,6 +156,22 @@ class DiffusionNFTConfig(TrainingArguments):
             "1.0 each."
         },
     )
+    reward_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={
+            "help": "How several rewards make one: 'sum_then_normalize' = weighted sum of the raw scores, then the "
+            "advantage normalisation (official); 'normalize_then_sum' = each reward normalised within its group "
+            "first, then the weighted sum, then the advantage normalisation (GDPO, arXiv 2601.05242), so a reward "
+            "with a large spread cannot drown one with a small spread."
+        },
+    )
+    non_finite_rewards: str = field(
+        default="error",
+        metadata={
+            "help": "A NaN or infinite score from a reward function: 'error' raises, naming the function (default); "
+            "'missing' treats it as None (no score for that image) and logs a warning."
+        },
+    )
     scale_rewards: str = field(
         default="batch",
         metadata={
@@ -249,8 +273,51 @@ class DiffusionNFTConfig(TrainingArguments):
             "evaluation and saving (official: 0.9). Off by default so that the saved adapter is the trained policy."
         },
     )
+    eval_reference_drift: bool = field(
+        default=False,
+        metadata={
+            "help": "At evaluation, also sample every prompt with the reference model (adapters disabled) from the same "
+            "seeds and log `eval_drift/pixel_rmse`, the RMS pixel distance of trained and reference images (a "
+            "reward-hacking monitor; doubles evaluation time). Needs LoRA or kl_weight > 0 (a reference model)."
+        },
+    )
     num_eval_images_to_log: int = field(
         default=16, metadata={"help": "Evaluation images sent to the trackers as a captioned grid (0: none)."}
+    )
+    num_rollout_images_to_log: int = field(
+        default=8,
+        metadata={
+            "help": "Rollout images (the first prompts' groups, captioned with reward R, optimality probability r and "
+            "prompt) sent to the trackers as `train/rollout_samples` at each logging step that follows a rollout "
+            "(0: none)."
+        },
+    )
+
+    # ---------------------------------------------------------------- the model, robustness
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `DiffusionPipeline.from_pretrained` when the trainer's `model` is a path or "
+            "Hub id, e.g. {'torch_dtype': 'bfloat16', 'revision': 'main', 'variant': 'fp16'} (as TRL's "
+            "`model_init_kwargs`). `torch_dtype` may be a string ('bfloat16', 'float16', 'float32', 'auto'). Only "
+            "valid with a string `model`."
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "A step whose loss or gradients are not finite (NaN/inf) is skipped with a warning (no weight, "
+            "old-policy or EMA update); after this many consecutive skipped steps training stops with an error naming "
+            "the last good checkpoint. 0 stops at the first one. Not in the official code, which does not guard."
+        },
+    )
+    save_on_signal: bool = field(
+        default=True,
+        metadata={
+            "help": "On SIGTERM or SIGINT (cluster pre-emption, Ctrl-C), finish the current optimizer step, write a "
+            "checkpoint and exit (code 128 + signal number) with a message naming it; a second signal aborts at once. "
+            "See docs/checkpoints.md."
+        },
     )
 
     def __post_init__(self):
@@ -277,10 +344,25 @@ class DiffusionNFTConfig(TrainingArguments):
             # Trainer allows bf16 without an accelerator only under `use_cpu`; CPU bf16 autocast is fast on
             # AVX512-BF16/AMX CPUs (the shapes demo uses it), so one config serves GPU and CPU-only machines alike.
             # A GPU without bf16 support still gets Trainer's own error.
-            logger.info("bf16=True on a machine with no accelerator: training on CPU with bf16 autocast (use_cpu=True).")
+            logger.info(
+                "bf16=True on a machine with no accelerator: training on CPU with bf16 autocast (use_cpu=True)."
+            )
             self.use_cpu = True
+        if not self.use_cpu and not _has_accelerator() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # `accelerate launch --multi_gpu --num_processes N` on a machine without accelerators: accelerate forms the
+            # gloo process group only for CPU states; without use_cpu every process would train alone.
+            logger.info("Several processes and no accelerator: distributed CPU training over gloo (use_cpu=True).")
+            self.use_cpu = True
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            # Trainer's default metric is the evaluation loss, which reward-based evaluation does not have.
+            self.metric_for_best_model = "reward"
+            if self.greater_is_better is None:
+                self.greater_is_better = True
+        if isinstance(self.model_init_kwargs, str):
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
         super().__post_init__()
         self._check_nft_fields()
+        self._check_inherited_fields()
         self._resolve_generation_batch()
 
     def _check_nft_fields(self):
@@ -294,6 +376,14 @@ class DiffusionNFTConfig(TrainingArguments):
         need(
             self.scale_rewards in SCALE_REWARDS,
             f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.",
+        )
+        need(
+            self.reward_aggregation in REWARD_AGGREGATIONS,
+            f"reward_aggregation must be one of {REWARD_AGGREGATIONS}, got {self.reward_aggregation!r}.",
+        )
+        need(
+            self.non_finite_rewards in NON_FINITE_REWARDS,
+            f"non_finite_rewards must be one of {NON_FINITE_REWARDS}, got {self.non_finite_rewards!r}.",
         )
         need(self.adv_clip_max > 0, f"adv_clip_max must be > 0 (got {self.adv_clip_max}); the official value is 5.")
         need(
@@ -339,6 +429,137 @@ class DiffusionNFTConfig(TrainingArguments):
             need(callable(fn), f"old_policy_decay {self.old_policy_decay!r} does not name a callable.")
         if self.reward_weights is not None:
             need(len(self.reward_weights) > 0, "reward_weights must not be empty; leave it None for weights of 1.0.")
+
+    def _check_inherited_fields(self):
+        """Refuse the `TrainingArguments` options that DiffusionNFT's own sampler, evaluation, saving or model
+        handling would silently ignore or break (each message names the field and the fix)."""
+
+        def refuse(name: str, why: str, fix: str):
+            raise ValueError(f"{name}={getattr(self, name)!r} is not supported by DiffusionNFTTrainer: {why} {fix}")
+
+        if self.auto_find_batch_size:
+            refuse(
+                "auto_find_batch_size",
+                "the batch sizes define the prompt groups (num_generations) and the rollout batch over which "
+                "advantages are normalised, so they cannot be shrunk silently on an out-of-memory error.",
+                "Set auto_find_batch_size=False and lower per_device_train_batch_size (raise steps_per_generation to "
+                "keep generation_batch_size), or enable gradient_checkpointing=True.",
+            )
+        if self.train_sampling_strategy != "random":
+            refuse(
+                "train_sampling_strategy",
+                "rollout batches are drawn by DiffusionNFT's own group sampler (each prompt repeated num_generations "
+                "times, shuffled with `data_seed` or `seed`).",
+                "Leave train_sampling_strategy='random'.",
+            )
+        if self.remove_unused_columns:
+            refuse(
+                "remove_unused_columns",
+                "every dataset column besides 'prompt' is passed to the reward functions.",
+                "Set remove_unused_columns=False (the default), or drop columns with dataset.remove_columns.",
+            )
+        if self.label_smoothing_factor != 0:
+            refuse("label_smoothing_factor", "there are no labels in DiffusionNFT.", "Leave it at 0.")
+        if self.label_names:
+            refuse("label_names", "there are no labels in DiffusionNFT.", "Leave label_names=None.")
+        if self.include_num_input_tokens_seen not in ("no", False, None):
+            refuse(
+                "include_num_input_tokens_seen",
+                "inputs are prompts and latents, not token ids.",
+                "Leave include_num_input_tokens_seen='no'.",
+            )
+        if self.neftune_noise_alpha is not None:
+            refuse("neftune_noise_alpha", "NEFTune perturbs token embeddings of language models.", "Leave it None.")
+        if self.use_liger_kernel:
+            refuse("use_liger_kernel", "Liger kernels patch language models.", "Set use_liger_kernel=False.")
+        if self.torch_compile:
+            refuse(
+                "torch_compile",
+                "the trainer switches the denoiser between the trained, old and reference weights on every step, "
+                "which a compiled module does not follow.",
+                "Set torch_compile=False.",
+            )
+        if self.deepspeed or self.fsdp:
+            name = "deepspeed" if self.deepspeed else "fsdp"
+            refuse(
+                name,
+                "the old policy and the EMA are kept as unsharded copies of the trained parameters.",
+                f"Unset {name} and use data parallelism (`accelerate launch --multi_gpu --num_processes N`).",
+            )
+        if self.parallelism_config is not None:
+            refuse(
+                "parallelism_config",
+                "tensor / context / sequence parallelism would shard the denoiser whose weights the trainer copies "
+                "into the old policy and the EMA.",
+                "Leave parallelism_config=None and use data parallelism (`accelerate launch --multi_gpu`).",
+            )
+        if self.enable_jit_checkpoint:
+            refuse(
+                "enable_jit_checkpoint",
+                "DiffusionNFTTrainer already writes a complete checkpoint on SIGTERM/SIGINT at the next optimizer step "
+                "(see `save_on_signal`); Trainer's JIT checkpoint would save mid-step and without the rollout state.",
+                "Set enable_jit_checkpoint=False (and keep save_on_signal=True).",
+            )
+        if self.bf16_full_eval or self.fp16_full_eval:
+            name = "bf16_full_eval" if self.bf16_full_eval else "fp16_full_eval"
+            refuse(
+                name,
+                "evaluation samples with the pipeline in the dtype it was given (under bf16/fp16 autocast when set).",
+                f"Set {name}=False; load the pipeline with torch_dtype=torch.bfloat16 or set bf16=True instead.",
+            )
+        if self.prediction_loss_only or not self.eval_do_concat_batches or self.eval_accumulation_steps is not None:
+            name = next(
+                n
+                for n, bad in (
+                    ("prediction_loss_only", self.prediction_loss_only),
+                    ("eval_do_concat_batches", not self.eval_do_concat_batches),
+                    ("eval_accumulation_steps", self.eval_accumulation_steps is not None),
+                )
+                if bad
+            )
+            refuse(
+                name,
+                "evaluation scores sampled images with the reward functions, it has no loss or logits.",
+                "Leave it at its default.",
+            )
+        if self.include_for_metrics or self.batch_eval_metrics:
+            name = "include_for_metrics" if self.include_for_metrics else "batch_eval_metrics"
+            refuse(
+                name,
+                "there is no compute_metrics: evaluation logs the rewards of the sampled images.",
+                "Leave it at its default; log extra values from a reward function with `log_metric`.",
+            )
+        if self.metric_for_best_model is not None and self.metric_for_best_model.removeprefix("eval_") == "loss":
+            refuse(
+                "metric_for_best_model",
+                "evaluation has no loss.",
+                "Use metric_for_best_model='reward' (or 'rewards/<name>/mean') with greater_is_better=True.",
+            )
+        accelerator_config = self.accelerator_config
+        if getattr(accelerator_config, "split_batches", False):
+            raise ValueError(
+                "accelerator_config.split_batches=True is not supported by DiffusionNFTTrainer: each process samples "
+                "its own share of the rollout batch (per_device_train_batch_size x steps_per_generation prompts). "
+                "Leave split_batches=False."
+            )
+        if getattr(accelerator_config, "dispatch_batches", None):
+            raise ValueError(
+                "accelerator_config.dispatch_batches=True is not supported by DiffusionNFTTrainer: each process loads "
+                "its own prompts of the rollout batch. Leave dispatch_batches unset."
+            )
+        checkpointing_kwargs = dict(self.activation_checkpointing_kwargs or {})
+        unsupported = sorted(set(checkpointing_kwargs) - {"use_reentrant"})
+        if self.activation_checkpointing and unsupported:
+            raise ValueError(
+                f"gradient_checkpointing_kwargs {unsupported} are not supported for diffusers models, which checkpoint "
+                "every transformer block (`enable_gradient_checkpointing()`); only 'use_reentrant' is. Remove them."
+            )
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps}).")
+        if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
+            raise ValueError(
+                f"model_init_kwargs must be a dict (or a JSON object string), got {type(self.model_init_kwargs).__name__}."
+            )
 
     def _resolve_generation_batch(self):
         num_processes = self.world_size

@@ -23,21 +23,108 @@ import torch
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """Weighted *sum* of reward functions (official `multi_score`), ignoring missing (NaN) scores.
+REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def combine_rewards(
+    rewards_per_func: torch.Tensor,
+    weights: torch.Tensor | Sequence[float],
+    group_ids: torch.Tensor | None = None,
+    aggregation: str = "sum_then_normalize",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """One reward per sample from several reward functions, ignoring missing (NaN) scores.
+
+    * `"sum_then_normalize"` (official `multi_score`): the weighted *sum* of the raw scores; `compute_advantages`
+      then normalises the sum. A missing score counts as 0 in the sum.
+    * `"normalize_then_sum"` (GDPO, Liu et al. 2026, arXiv 2601.05242): each function's scores are first normalised
+      within each group, `(R_k - mean_group(R_k)) / (std_group(R_k) + eps)` over that function's non-missing scores of
+      the group, and the weighted sum of these is the reward. A reward with a large spread then cannot drown one with
+      a small spread. A missing score contributes 0.
 
     Args:
         rewards_per_func: `[N, F]` raw rewards, NaN where a function returned `None`.
         weights: `[F]` weights.
+        group_ids: `[N]` group of each sample (`group_ids_from_keys`); needed for `"normalize_then_sum"`.
+        aggregation: one of `REWARD_AGGREGATIONS`.
 
     Returns:
         `[N]` combined reward. A row with no score at all is NaN, so that it can be given a neutral r later.
+
+    Raises:
+        ValueError: an unknown `aggregation`, or `"normalize_then_sum"` without `group_ids`.
     """
+    if aggregation not in REWARD_AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {REWARD_AGGREGATIONS}, got {aggregation!r}.")
     weights = torch.as_tensor(weights, dtype=rewards_per_func.dtype, device=rewards_per_func.device)
+    all_missing = torch.isnan(rewards_per_func).all(dim=1)
+    if aggregation == "normalize_then_sum":
+        if group_ids is None:
+            raise ValueError("aggregation='normalize_then_sum' normalises within groups: pass group_ids.")
+        rewards_per_func = normalize_per_group(rewards_per_func, group_ids, eps=eps)
     weighted = rewards_per_func * weights.unsqueeze(0)
     combined = torch.nansum(weighted, dim=1)
-    all_missing = torch.isnan(rewards_per_func).all(dim=1)
     return torch.where(all_missing, torch.full_like(combined, float("nan")), combined)
+
+
+def normalize_per_group(values: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """`(x - mean_group(x)) / (std_group(x) + eps)` for each column of `values` `[N, F]` (or `[N]`), over the
+    non-missing (non-NaN) entries of each group; NaN entries stay NaN. Population std, as in `compute_advantages`."""
+    squeeze = values.dim() == 1
+    x = (values.unsqueeze(1) if squeeze else values).to(torch.float64)
+    out = torch.full_like(x, float("nan"))
+    for g in torch.unique(group_ids):
+        rows = group_ids == g
+        block = x[rows]
+        valid = ~torch.isnan(block)
+        count = valid.sum(dim=0)
+        mean = torch.nansum(block, dim=0) / count.clamp(min=1)
+        centred = torch.where(valid, block - mean, torch.zeros_like(block))
+        std = (centred.pow(2).sum(dim=0) / count.clamp(min=1)).sqrt()
+        out[rows] = torch.where(valid, centred / (std + eps), block)
+    out = out.to(values.dtype)
+    return out.squeeze(1) if squeeze else out
+
+
+def frac_zero_std_per_column(values: torch.Tensor, group_ids: torch.Tensor) -> list[float]:
+    """For each column of `values` `[N, F]`: the fraction of groups in which that column carries no signal, i.e. its
+    non-missing scores are all equal, or there are fewer than two of them (a dead, all-`None` reward counts as no
+    signal, never as healthy)."""
+    groups = torch.unique(group_ids)
+    fractions = []
+    for j in range(values.shape[1]):
+        dead = 0
+        for g in groups:
+            col = values[group_ids == g, j]
+            col = col[~torch.isnan(col)]
+            dead += int(col.numel() < 2 or bool(col.max() == col.min()))
+        fractions.append(dead / max(len(groups), 1))
+    return fractions
+
+
+def within_group_diversity(features: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Mean pairwise RMS distance between the members of each group, averaged over groups of two or more.
+
+    A reward-hacking monitor: when a policy collapses onto one image per prompt, this falls towards 0 while the
+    reward may still rise.
+
+    Args:
+        features: `[N, D]` per-sample features (e.g. downsampled pixels in [0, 1]).
+        group_ids: `[N]` group of each sample.
+
+    Returns:
+        The mean over groups of `mean_{i<j} ||f_i - f_j||_2 / sqrt(D)`; NaN when no group has two members.
+    """
+    features = features.float().flatten(1)
+    values = []
+    for g in torch.unique(group_ids):
+        members = features[group_ids == g]
+        k = members.shape[0]
+        if k < 2:
+            continue
+        distances = torch.cdist(members, members)
+        values.append(distances.sum().item() / (k * (k - 1)) / features.shape[1] ** 0.5)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def group_ids_from_keys(keys: Sequence[object]) -> torch.Tensor:
@@ -51,7 +138,7 @@ class AdvantageStats:
     """What `compute_advantages` measured, for logging."""
 
     frac_zero_std: float
-    """Fraction of groups whose rewards are all equal (they carry no signal: r = 0.5 everywhere)."""
+    """Fraction of groups that carry no signal (r = 0.5 everywhere): rewards all equal, or fewer than two scored."""
     std: float
     """The std used for scaling (global, or the mean of per-group stds)."""
 
@@ -83,11 +170,13 @@ def compute_advantages(
     zero_std_groups = 0
     for g in range(num_groups):
         members = (group_ids == g) & valid
-        if not members.any():
+        if members.sum() < 2:
+            # No score, or one: nothing to compare within the group, so no signal (a dead reward is not healthy).
+            zero_std_groups += 1
             continue
         values = rewards[members]
         advantages[members] = values - values.mean()
-        group_std[g] = values.std(unbiased=False) if values.numel() > 1 else 0.0
+        group_std[g] = values.std(unbiased=False)
         zero_std_groups += int(bool((values.max() - values.min()) == 0))
     if scale_rewards == "batch":
         std = rewards[valid].std(unbiased=False) if valid.sum() > 1 else torch.tensor(0.0, dtype=torch.float64)

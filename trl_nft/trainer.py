@@ -17,13 +17,12 @@ Logging, progress bars, callbacks, checkpoints and `push_to_hub` come from `tran
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -33,18 +32,30 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
-from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy, rotate_checkpoints
+from transformers.utils import logging
 
-from . import core
+from . import _checkpoint, core
 from .config import DiffusionNFTConfig, import_from_string
 from .families import get_adapter, load_pipeline, null_components
 from .families.adapter import eval_mode
 from .model_card import write_model_card
-from .rewards import resolve_reward, reward_name
+from .rewards import resolve_reward
+from .rewards.calling import RewardCaller, check_reward_columns, unique_reward_names
 
 
-NFT_STATE_NAME = "nft_state.safetensors"
+NFT_STATE_NAME = _checkpoint.STATE_TENSORS
+logger = logging.get_logger(__name__)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+#: Evaluation images saved next to the card as its gallery (at most this many).
+CARD_IMAGES = 8
+#: Tracker keys of the image grids `log_images` sends.
+EVAL_IMAGES_KEY = "eval/samples"
+ROLLOUT_IMAGES_KEY = "train/rollout_samples"
 
 
 def _identity(batch):
@@ -74,9 +85,51 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def __init__(self, trainer: DiffusionNFTTrainer):
         self.trainer = trainer
+        self.step_start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
+        if self.step_start is not None:
+            # As GRPO's `step_time`: one optimizer step, its rollout (when it has one) included.
+            self.trainer._metrics["train"]["step_time"].append(time.perf_counter() - self.step_start)
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Skips an optimizer step whose gradients (hence loss) are not finite, and undoes one that made a weight
+    non-finite; stops after `max_nonfinite_steps` consecutive such steps (see `DiffusionNFTConfig`)."""
+
+    def __init__(self, trainer: DiffusionNFTTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_gradients_before_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_weights_after_step()
+
+
+class _StopOnSignal(TrainerCallback):
+    """Turns a SIGTERM/SIGINT received by any process into a checkpoint and a stop after the current optimizer step."""
+
+    def __init__(self, trainer: DiffusionNFTTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        guard = self.trainer._signal_guard
+        received = guard.received if guard is not None else None
+        if self.trainer.accelerator.num_processes > 1:
+            # Every process must stop at the same step, whichever of them got the signal.
+            flags = self.trainer.accelerator.gather(
+                torch.tensor([received or 0], device=self.trainer.accelerator.device)
+            )
+            received = int(flags.max().item()) or None
+        if received:
+            self.trainer._stop_signal = received
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class DiffusionNFTTrainer(Trainer):
@@ -92,8 +145,10 @@ class DiffusionNFTTrainer(Trainer):
             another class.
         reward_funcs (callable, `str`, or a list of them):
             Each is called as `f(prompts=list[str], images=Tensor[B, 3, H, W] in [0, 1], **other_columns,
-            trainer_state=..., log_metric=...)` and returns one float (or `None`) per image. Strings name a built-in
-            reward (see `trl_nft.rewards.BUILTIN_REWARDS`) or a dotted path `module:function`.
+            trainer_state=..., log_metric=...)` and returns one float (or `None`) per image, or a mapping
+            `{"scores": [...], "<key>": [...]}` with extra per-image values to log. `async def` rewards run on a
+            background event loop. Return values are checked by `trl_nft.rewards.calling` (see docs/rewards.md).
+            Strings name a built-in reward (see `trl_nft.rewards.BUILTIN_REWARDS`) or a dotted path `module:function`.
         args ([`DiffusionNFTConfig`], *optional*):
             Configuration. Defaults to `DiffusionNFTConfig(f"{model_name}-NFT")`.
         train_dataset (`datasets.Dataset` or list of dicts):
@@ -107,10 +162,17 @@ class DiffusionNFTTrainer(Trainer):
         peft_config (`peft.LoraConfig`, *optional*):
             LoRA configuration. Defaults to the family's official targets with `lora_r` / `lora_alpha` and gaussian
             init (official: r=32, alpha=64).
+        eval_reward_funcs (callable, `str`, or a list of them, *optional*):
+            Held-out rewards, scored at evaluation only and never trained on (a reward-hacking monitor): logged as
+            `eval_heldout/<name>/mean|std`. Same forms as `reward_funcs`.
     """
 
-    _tag_names = ("trl_nft", "diffusion-nft", "diffusers", "text-to-image", "lora")
+    _tag_names = ["trl", "trl_nft", "diffusion-nft", "diffusers", "text-to-image"]
     _name = "DiffusionNFT"
+    _paper = {
+        "title": "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",
+        "id": "2509.16117",
+    }
 
     def __init__(
         self,
@@ -122,12 +184,19 @@ class DiffusionNFTTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers=(None, None),
         peft_config=None,
+        eval_reward_funcs: Callable | str | Sequence[Callable | str] | None = None,
     ):
         # ---------------------------------------------------------------- pipeline and its family adapter
         if isinstance(model, str | os.PathLike):
             self.base_model_id = str(model)
-            pipeline = load_pipeline(str(model))
+            pipeline = load_pipeline(str(model), **self._model_init_kwargs(args))
         else:
+            if args is not None and args.model_init_kwargs:
+                raise ValueError(
+                    "model_init_kwargs is set but `model` is an already loaded pipeline, so there is nothing to load: "
+                    "pass the model's path or Hub id as `model`, or load the pipeline yourself with these arguments "
+                    "and leave model_init_kwargs=None."
+                )
             pipeline = model
             self.base_model_id = getattr(pipeline.config, "_name_or_path", None) or None
         if args is None:
@@ -145,7 +214,9 @@ class DiffusionNFTTrainer(Trainer):
         if not reward_funcs:
             raise ValueError("reward_funcs is empty: pass at least one reward function.")
         self.reward_funcs = [resolve_reward(f) for f in reward_funcs]
-        self.reward_func_names = [reward_name(f) for f in self.reward_funcs]
+        self.reward_func_names = unique_reward_names(self.reward_funcs)
+        self._reward_caller = RewardCaller(self.reward_funcs, self.reward_func_names, args.non_finite_rewards)
+        self._setup_eval_monitors(eval_reward_funcs, args)
         if args.reward_weights is None:
             self.reward_weights = torch.ones(len(self.reward_funcs))
         elif len(args.reward_weights) != len(self.reward_funcs):
@@ -198,6 +269,7 @@ class DiffusionNFTTrainer(Trainer):
             self._old_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
             self._old = list(self._old_model.parameters())
             self._ref_model = copy.deepcopy(denoiser).requires_grad_(False).eval() if args.kl_weight > 0 else None
+            self._trainable_names = [name for name, _ in denoiser.named_parameters()]
         self._decay_schedule = core.make_decay_schedule(
             import_from_string(args.old_policy_decay)
             if args.old_policy_decay not in ("linear", "constant")
@@ -206,9 +278,14 @@ class DiffusionNFTTrainer(Trainer):
             max_decay=args.old_policy_decay_max,
             delay=args.old_policy_decay_delay,
         )
+        self._keep_trained_weights_in_float32(denoiser)
         self._ema = [p.detach().clone() for p in self._trainable] if args.eval_ema_decay is not None else None
+        if args.activation_checkpointing:
+            self._setup_gradient_checkpointing(denoiser, args)
 
         _make_config_serialisable(denoiser)
+        #: Messages of pushes during training that failed (reported, then cleared, by the final `push_to_hub`).
+        self.failed_pushes: list[str] = []
         super().__init__(
             model=denoiser,
             args=args,
@@ -226,6 +303,19 @@ class DiffusionNFTTrainer(Trainer):
             if extra is not None:
                 extra.to(device)
         self.add_callback(_AfterOptimizerStep(self))
+        self.add_callback(_NonFiniteGuard(self))
+        self.add_callback(_StopOnSignal(self))
+        if self.accelerator.num_processes > 1:
+            # Trainer seeded every process alike; rollouts must differ between processes (or a prompt whose group
+            # spans two processes gets duplicate images), reproducibly: seed + process index, as TRL's GRPOTrainer.
+            from accelerate.utils import set_seed as accelerate_set_seed
+
+            accelerate_set_seed(args.seed, device_specific=True)
+        self._signal_guard: _checkpoint.SignalGuard | None = None
+        self._stop_signal: int | None = None
+        self._nonfinite_streak = 0
+        self._skip_updates = False
+        self._weights_before_step: list[torch.Tensor] | None = None
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -234,6 +324,7 @@ class DiffusionNFTTrainer(Trainer):
         self._buffered_inputs: list[dict[str, Any]] | None = None
         self._rollout_grid: torch.Tensor | None = None
         self._last_eval_images: tuple[torch.Tensor, list[str]] | None = None
+        self._pending_rollout_images: tuple[torch.Tensor, list[str]] | None = None
 
     # ================================================================================================ setup helpers
     @staticmethod
@@ -242,6 +333,14 @@ class DiffusionNFTTrainer(Trainer):
             return None
         import datasets
 
+        if isinstance(dataset, datasets.IterableDataset | torch.utils.data.IterableDataset):
+            raise ValueError(
+                f"{field_name} is an IterableDataset (streaming), which DiffusionNFT cannot use: each rollout batch "
+                "draws prompts at random and repeats each num_generations times, which needs a dataset with a length "
+                "and random access (and with streaming, Trainer's dispatching would split the groups). Load it "
+                "without streaming=True, or materialise the part you need, e.g. "
+                "datasets.Dataset.from_list(list(dataset.take(10_000)))."
+            )
         if isinstance(dataset, list):
             if not dataset or not isinstance(dataset[0], dict):
                 raise ValueError(f"{field_name} must be a datasets.Dataset or a non-empty list of dicts.")
@@ -251,6 +350,8 @@ class DiffusionNFTTrainer(Trainer):
                 f"{field_name} has no 'prompt' column (columns: {dataset.column_names}). Rename the column that holds "
                 "the text prompts to 'prompt', e.g. dataset.rename_column('text', 'prompt')."
             )
+        if getattr(dataset, "column_names", None):
+            check_reward_columns(dataset.column_names, field_name)
         return dataset
 
     def _setup_lora(self, denoiser, args: DiffusionNFTConfig, peft_config):
@@ -263,9 +364,20 @@ class DiffusionNFTTrainer(Trainer):
                 init_lora_weights="gaussian",
                 target_modules=list(args.lora_target_modules or self.adapter.default_lora_target_modules),
             )
+        existing = sorted(getattr(denoiser, "peft_config", None) or {})
+        if existing:
+            # The trainer activates only its own adapters, so one the user loaded would silently stop applying.
+            raise ValueError(
+                f"The pipeline's {self.adapter.denoiser_name} already carries LoRA adapters {existing}. To train on top "
+                "of them, fuse them into the base weights first: pipe.fuse_lora(); pipe.unload_lora_weights(). To "
+                "continue a DiffusionNFT run, use train(resume_from_checkpoint=...)."
+            )
         # Two adapters on one denoiser (official): "default" is trained, "old" samples rollouts and anchors the loss.
         denoiser.add_adapter(peft_config, adapter_name="default")
-        denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name="old")
+        with warnings.catch_warnings():
+            # peft warns that a second adapter makes "multiple adapters in the model": that is the design here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name="old")
         named = dict(denoiser.named_parameters())
         default_names = [n for n in named if ".default." in n and "lora_" in n]
         if not default_names:
@@ -277,6 +389,65 @@ class DiffusionNFTTrainer(Trainer):
         core.soft_update_(self._old, self._trainable, 0.0)
         denoiser.set_adapter("default")
         self._lora_param_names = default_names
+        self._trainable_names = default_names
+
+    @staticmethod
+    def _model_init_kwargs(args: DiffusionNFTConfig | None) -> dict[str, Any]:
+        kwargs = dict((args.model_init_kwargs if args is not None else None) or {})
+        dtype = kwargs.get("torch_dtype")
+        if isinstance(dtype, str) and dtype != "auto":
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(
+                    f"model_init_kwargs['torch_dtype']={dtype!r} is not a torch dtype; use e.g. 'bfloat16', "
+                    "'float16', 'float32' or 'auto'."
+                )
+            kwargs["torch_dtype"] = getattr(torch, dtype)
+        return kwargs
+
+    def _keep_trained_weights_in_float32(self, denoiser):
+        """Trained weights (and the old policy's copy) in float32 whatever the pipeline's dtype, so that small updates
+        are not rounded away; frozen weights stay as the user loaded them (diffusers' `cast_training_params`)."""
+        frozen = {p.dtype for p in denoiser.parameters() if not p.requires_grad}
+        trained = {p.dtype for p in self._trainable}
+        if not self.use_lora and trained != {torch.float32}:
+            raise ValueError(
+                f"use_lora=False would fine-tune the denoiser's own {sorted(map(str, trained))} weights, whose small "
+                "updates are rounded away in half precision. Load the pipeline in float32 (torch_dtype=torch.float32) "
+                "and set bf16=True for mixed-precision compute, or train LoRA adapters (use_lora=True)."
+            )
+        if trained != {torch.float32}:
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(denoiser, dtype=torch.float32)
+        with torch.no_grad():
+            for p in self._old:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+        half = frozen & {torch.bfloat16, torch.float16}
+        # A half-precision pipeline without Trainer mixed precision: compute in the pipeline's dtype (autocast) so that
+        # float32 inputs and adapters meet half-precision weights the way they do under bf16=True.
+        self._frozen_half_dtype = next(iter(half)) if len(half) == 1 else None
+
+    def _setup_gradient_checkpointing(self, denoiser, args: DiffusionNFTConfig):
+        """`gradient_checkpointing=True` for diffusers models, which spell it `enable_gradient_checkpointing()`
+        (transformers' Trainer calls `activation_checkpointing_enable`)."""
+        if not getattr(denoiser, "_supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"gradient_checkpointing=True, but {type(denoiser).__name__} does not support gradient checkpointing. "
+                "Set gradient_checkpointing=False."
+            )
+        if (args.activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "gradient_checkpointing_kwargs={'use_reentrant': True} gives LoRA weights no gradient when the "
+                "denoiser's inputs need none (they never do here). Leave use_reentrant unset (non-reentrant)."
+            )
+
+        def activation_checkpointing_enable(*args, **kwargs):
+            denoiser.enable_gradient_checkpointing()
+
+        denoiser.enable_gradient_checkpointing()
+        # Trainer.train() calls this on the model; a plain attribute keeps the diffusers class untouched.
+        denoiser.activation_checkpointing_enable = activation_checkpointing_enable
 
     # ================================================================================================ policies
     @contextlib.contextmanager
@@ -323,11 +494,18 @@ class DiffusionNFTTrainer(Trainer):
     @contextlib.contextmanager
     def evaluation_weights(self):
         """The weights that evaluations and saved adapters use: the trained policy, or its EMA when `eval_ema_decay`
-        is set. Yields the pipeline; callers that sample outside `evaluate` (the shapes demo) use this too."""
+        is set, in eval mode (so `log()` inside it logs an evaluation). Yields the pipeline; callers that sample
+        outside `evaluate` (the shapes demo) use this too."""
         with self._policy("default") as denoiser, self._ema_weights(), eval_mode(denoiser):
             yield self.pipeline
 
     def _after_optimizer_step(self):
+        if self._skip_updates:
+            # A skipped (non-finite) step changes nothing: no old-policy or EMA update either.
+            self._skip_updates = False
+            return
+        self._nonfinite_streak = 0
+        self._weights_before_step = None
         step = self.state.global_step
         if self._ema is not None:
             decay = core.ema_warmup_decay(step, self.args.eval_ema_decay)
@@ -335,7 +513,7 @@ class DiffusionNFTTrainer(Trainer):
         if step % self.args.optimizer_steps_per_generation == 0:
             eta = float(self._decay_schedule(step))
             core.soft_update_(self._old, self._trainable, eta)
-            self._metrics["train"]["old_decay"].append(eta)
+            self._metrics["train"]["old_policy/decay"].append(eta)
 
     # ================================================================================================ data
     def get_train_dataloader(self):
@@ -366,7 +544,7 @@ class DiffusionNFTTrainer(Trainer):
             batch_size=num_prompts,
             repeat_count=self.num_iterations * self.args.steps_per_generation,
             shuffle=True,
-            seed=self.args.seed,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
     def _prepare_inputs(self, generation_batch):
@@ -425,15 +603,17 @@ class DiffusionNFTTrainer(Trainer):
         self._rollout_grid = self.adapter.training_grid()
         x0 = torch.cat(latents)
         images = torch.cat(images)
-        rewards_per_func = self._calculate_rewards(prompts, images, columns, mode="train")
+        with self._fail_together("a reward function"):
+            rewards_per_func = self._calculate_rewards(prompts, images, columns, mode="train")
 
         # Advantages are normalised over the whole rollout batch of all processes (official: all-gather).
         all_rewards = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()
         all_prompts = gather_object(prompts)
+        group_ids = core.group_ids_from_keys(all_prompts)
         rewards = core.combine_rewards(all_rewards, self.reward_weights)
         advantages, stats = core.compute_advantages(
-            rewards,
-            core.group_ids_from_keys(all_prompts),
+            self._aggregate_rewards(all_rewards, group_ids),
+            group_ids,
             scale_rewards=self.args.scale_rewards,
             adv_clip_max=self.args.adv_clip_max,
         )
@@ -443,52 +623,206 @@ class DiffusionNFTTrainer(Trainer):
         elapsed = time.perf_counter() - start
 
         metrics = self._metrics["train"]
-        self._log_reward_metrics(metrics, all_rewards, rewards)
+        self._log_reward_metrics(metrics, all_rewards, rewards, group_ids)
         metrics["frac_reward_zero_std"].append(stats.frac_zero_std)
-        metrics["images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
-        metrics["x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
+        metrics["samples/images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
+        metrics["samples/x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
+        n_log = min(self.args.num_rollout_images_to_log, n)
+        if n_log and self.is_world_process_zero():
+            own_rewards, own_r = rewards[own], r[own]
+            self._pending_rollout_images = (
+                images[:n_log].cpu(),
+                [f"R={own_rewards[i]:.3f} r={own_r[i]:.2f} {prompts[i]}" for i in range(n_log)],
+            )
         return {"x0": x0, "r": r[own].to(x0.device), "prompts": prompts}
 
-    def _log_reward_metrics(self, metrics, rewards_per_func: torch.Tensor, rewards: torch.Tensor):
+    def _aggregate_rewards(self, rewards_per_func: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """`[N]` reward the advantages are computed from, per `reward_aggregation` (see `core.combine_rewards`)."""
+        return core.combine_rewards(
+            rewards_per_func, self.reward_weights, group_ids=group_ids, aggregation=self.args.reward_aggregation
+        )
+
+    def _log_reward_metrics(self, metrics, rewards_per_func: torch.Tensor, rewards: torch.Tensor, group_ids=None):
+        """Per reward: mean/std over its own scores (a `None` is left out of that reward's statistics, not counted as
+        0), the fraction of missing scores and, with `group_ids`, the fraction of groups where it carries no signal.
+        `reward`/`reward_std`: the weighted sum of the raw scores, whatever `reward_aggregation` is."""
+        zero_std = core.frac_zero_std_per_column(rewards_per_func, group_ids) if group_ids is not None else None
         for i, name in enumerate(self.reward_func_names):
             col = rewards_per_func[:, i]
-            col = col[~torch.isnan(col)]
+            missing = torch.isnan(col)
+            col = col[~missing]
             metrics[f"rewards/{name}/mean"].append(col.mean().item() if col.numel() else math.nan)
             metrics[f"rewards/{name}/std"].append(col.std(unbiased=False).item() if col.numel() else math.nan)
+            metrics[f"rewards/{name}/frac_missing"].append(missing.float().mean().item())
+            if zero_std is not None:
+                metrics[f"rewards/{name}/frac_zero_std"].append(zero_std[i])
         valid = rewards[~torch.isnan(rewards)]
         metrics["reward"].append(valid.mean().item() if valid.numel() else math.nan)
         metrics["reward_std"].append(valid.std(unbiased=False).item() if valid.numel() else math.nan)
 
     def _calculate_rewards(self, prompts, images, columns, mode: str) -> torch.Tensor:
-        """`[N, F]` rewards, NaN where a function returned None."""
-        out = torch.full((len(prompts), len(self.reward_funcs)), math.nan)
+        """`[N, F]` rewards, NaN where a function returned None; checked by `trl_nft.rewards.calling.RewardCaller`.
+        Extra per-image values a reward returns are logged as `rewards/<name>/<key>` (mean of the finite ones)."""
 
         def log_metric(name: str, value: float):
             self._metrics[mode][name].append(float(value))
 
-        kwargs = {**columns, "trainer_state": self.state, "log_metric": log_metric}
-        results = [f(prompts=prompts, images=images, **kwargs) for f in self.reward_funcs]
-        pending = [i for i, res in enumerate(results) if inspect.isawaitable(res)]
-        if pending:
+        out = self._reward_caller(prompts, images, **columns, trainer_state=self.state, log_metric=log_metric)
+        for key, values in out.extras.items():
+            finite = [v for v in values if math.isfinite(v)]
+            self._metrics[mode][f"rewards/{key}"].append(sum(finite) / len(finite) if finite else math.nan)
+        diversity = self._within_group_diversity(prompts, images)
+        if not math.isnan(diversity):  # NaN: no prompt with two images here (e.g. evaluation with unique prompts)
+            self._metrics[mode]["diversity/within_group"].append(diversity)
+        return out.scores
 
-            async def _await_all():
-                return await asyncio.gather(*(results[i] for i in pending))
+    # ================================================================================================ reward monitors
+    def _setup_eval_monitors(self, eval_reward_funcs, args: DiffusionNFTConfig) -> None:
+        if eval_reward_funcs is not None and not isinstance(eval_reward_funcs, list | tuple):
+            eval_reward_funcs = [eval_reward_funcs]
+        self.eval_reward_funcs = [resolve_reward(f) for f in eval_reward_funcs or []]
+        self.eval_reward_func_names = unique_reward_names(self.eval_reward_funcs)
+        self._eval_reward_caller = (
+            RewardCaller(self.eval_reward_funcs, self.eval_reward_func_names, args.non_finite_rewards)
+            if self.eval_reward_funcs
+            else None
+        )
+        if args.eval_reference_drift and not (args.use_lora or args.kl_weight > 0):
+            raise ValueError(
+                "eval_reference_drift=True compares with the reference model, which full fine-tuning keeps only when "
+                "kl_weight > 0. Set kl_weight > 0, use LoRA, or set eval_reference_drift=False."
+            )
+        self._monitor_values: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
 
-            for i, res in zip(pending, asyncio.run(_await_all()), strict=True):
-                results[i] = res
-        for j, (name, res) in enumerate(zip(self.reward_func_names, results, strict=True)):
-            if isinstance(res, torch.Tensor):
-                res = res.detach().flatten().tolist()
-            if not isinstance(res, Sequence) or len(res) != len(prompts):
-                got = f"{len(res)} scores" if isinstance(res, Sequence) else f"a {type(res).__name__}"
-                raise ValueError(
-                    f"Reward function {name!r} returned {got} for {len(prompts)} images; it must return a list with "
-                    "one float (or None) per image."
+    @staticmethod
+    def _within_group_diversity(prompts: list[str], images: torch.Tensor) -> float:
+        """`core.within_group_diversity` of images of one prompt, on pixels downsampled to at most 64 px; NaN when
+        no prompt has two images."""
+        size = min(64, images.shape[-1], images.shape[-2])
+        small = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="area")
+        return core.within_group_diversity(small.flatten(1).cpu(), core.group_ids_from_keys(prompts))
+
+    @torch.no_grad()
+    def _eval_monitors(self, prompts, images, columns, seeds: list[int], guidance_scale: float) -> None:
+        """Per evaluation batch: held-out rewards, and the drift of the images from the reference model's."""
+        if self._eval_reward_caller is not None:
+            out = self._eval_reward_caller(
+                prompts, images, **columns, trainer_state=self.state, log_metric=lambda name, value: None
+            )
+            self._monitor_values["heldout"].append(out.scores)
+        if self.args.eval_reference_drift:
+            device = self.accelerator.device
+            with self._policy("ref"):
+                _, reference = self._sample_latents(
+                    prompts,
+                    num_inference_steps=self.args.eval_num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=[torch.Generator(device).manual_seed(s) for s in seeds],
                 )
-            out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in res])
-        return out
+            rmse = (images.float() - reference.float()).flatten(1).pow(2).mean(dim=1).sqrt()
+            self._monitor_values["drift"].append(rmse.cpu())
+
+    def _eval_monitor_metrics(self, prefix: str) -> dict[str, float | None]:
+        """Gather the evaluation monitors of all processes into metrics (and reset them)."""
+        metrics: dict[str, float | None] = {}
+        device = self.accelerator.device
+        if self._eval_reward_caller is not None:
+            local = torch.cat(self._monitor_values["heldout"]) if self._monitor_values["heldout"] else None
+            if local is None:
+                local = torch.empty(0, len(self.eval_reward_funcs))
+            scores = self.accelerator.gather(local.to(device)).cpu()
+            for i, name in enumerate(self.eval_reward_func_names):
+                col = scores[:, i][~torch.isnan(scores[:, i])]
+                metrics[f"{prefix}_heldout/{name}/mean"] = col.mean().item() if col.numel() else None
+                metrics[f"{prefix}_heldout/{name}/std"] = col.std(unbiased=False).item() if col.numel() else None
+        if self.args.eval_reference_drift:
+            local = torch.cat(self._monitor_values["drift"]) if self._monitor_values["drift"] else torch.empty(0)
+            rmse = self.accelerator.gather(local.to(device)).cpu()
+            metrics[f"{prefix}_drift/pixel_rmse"] = rmse.mean().item() if rmse.numel() else None
+        self._monitor_values.clear()
+        return metrics
+
+    @contextlib.contextmanager
+    def _fail_together(self, what: str):
+        """Run a block that may raise on some processes only (user reward code): every process learns of a failure and
+        raises, instead of the others waiting forever in the next collective."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # re-raised below, after the other processes heard of it
+            error = err
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(torch.tensor([error is not None], device=self.accelerator.device))
+            failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+            if failed and error is None:
+                raise RuntimeError(
+                    f"{what} raised on process(es) {failed} (see the traceback there); this process stops too."
+                )
+        if error is not None:
+            raise error
 
     # ================================================================================================ training
+    def compute_loss_context_manager(self):
+        context = super().compute_loss_context_manager()
+        if self._frozen_half_dtype is None or self.accelerator.mixed_precision != "no":
+            return context
+        stack = contextlib.ExitStack()
+        stack.enter_context(context)
+        stack.enter_context(torch.autocast(self.accelerator.device.type, dtype=self._frozen_half_dtype))
+        return stack
+
+    def _check_gradients_before_step(self):
+        """Called before `optimizer.step()`: skip the step if a gradient is not finite."""
+        if self.args.fp16:
+            return  # the fp16 GradScaler already skips steps with inf/NaN gradients and adjusts its scale
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        finite = bool(torch.nn.utils.get_total_norm(grads).isfinite()) if grads else True
+        if finite:
+            if self.use_lora:
+                # LoRA weights are small: keep a copy to undo a step that overflows them (checked after the step).
+                self._weights_before_step = [p.detach().clone() for p in self._trainable]
+            return
+        for p in self._trainable:
+            p.grad = None  # optimizers skip parameters without a gradient: no weight or moment update
+        self._record_nonfinite_step("the loss or a gradient is not finite")
+
+    def _check_weights_after_step(self):
+        if self._skip_updates:
+            return
+        finite = bool(torch.nn.utils.get_total_norm([p.detach() for p in self._trainable]).isfinite())
+        if finite:
+            return
+        if self._weights_before_step is None:
+            raise RuntimeError(
+                f"The optimizer step {self.state.global_step + 1} made trained weights non-finite (learning rate too "
+                f"high?). {self._last_good_checkpoint_message()}"
+            )
+        with torch.no_grad():
+            for p, before in zip(self._trainable, self._weights_before_step, strict=True):
+                p.copy_(before)
+        self._record_nonfinite_step("the optimizer step made a weight non-finite (undone)")
+
+    def _record_nonfinite_step(self, what: str):
+        self._skip_updates = True
+        self._nonfinite_streak += 1
+        step = self.state.global_step + 1
+        limit = self.args.max_nonfinite_steps
+        if self._nonfinite_streak > limit:
+            raise RuntimeError(
+                f"Step {step}: {what}, the {self._nonfinite_streak}th step in a row (max_nonfinite_steps={limit}); "
+                f"stopping. Lower learning_rate or check the rewards. {self._last_good_checkpoint_message()}"
+            )
+        logger.warning(
+            f"Step {step}: {what}; skipping the step (no weight, old-policy or EMA update) "
+            f"({self._nonfinite_streak} in a row, at most max_nonfinite_steps={limit})."
+        )
+
+    def _last_good_checkpoint_message(self) -> str:
+        path, _ = _checkpoint.newest_complete_checkpoint(self._get_output_dir(trial=None))
+        if path is None:
+            return "No checkpoint was saved before this point."
+        return f"The last good checkpoint is {path}: resume from it with train(resume_from_checkpoint={path!r})."
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
@@ -534,13 +868,14 @@ class DiffusionNFTTrainer(Trainer):
         metrics = self._metrics["train"]
         metrics["policy_loss"].append(out.policy_loss.item())
         metrics["kl"].append(out.kl.item())
-        metrics["old_deviate"].append(out.old_deviate.item())
+        metrics["old_policy/deviation"].append(out.old_deviate.item())
         self._step += 1
         return loss.detach()
 
     # ================================================================================================ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        # As TRL: the model's mode says whose buffered metrics these logs close (evaluate() runs in eval mode).
+        mode = "train" if self.model.training else "eval"
         metrics = {}
         for key, values in self._metrics[mode].items():
             valid = [v for v in values if not math.isnan(v)]
@@ -550,6 +885,10 @@ class DiffusionNFTTrainer(Trainer):
         logs = {**logs, **metrics}
         super().log(logs, start_time)
         self._metrics[mode].clear()
+        if mode == "train" and self._pending_rollout_images is not None:
+            images, captions = self._pending_rollout_images
+            self._pending_rollout_images = None
+            self.log_images(ROLLOUT_IMAGES_KEY, images, captions)
 
     # ================================================================================================ evaluation
     @torch.no_grad()
@@ -572,7 +911,7 @@ class DiffusionNFTTrainer(Trainer):
         device = self.accelerator.device
         bs = self.args.per_device_eval_batch_size
         all_scores, all_images, all_prompts = [], [], []
-        with self.evaluation_weights():
+        with self._fail_together("evaluation"), self.evaluation_weights():
             for i in range(0, len(indices), bs):
                 idx = indices[i : i + bs]
                 prompts = [rows[j]["prompt"] for j in idx]
@@ -585,9 +924,14 @@ class DiffusionNFTTrainer(Trainer):
                     generator=generators,
                 )
                 all_scores.append(self._calculate_rewards(prompts, images, columns, mode="eval"))
+                self._eval_monitors(prompts, images, columns, [self.args.eval_seed + j for j in idx], guidance)
                 all_images.append(images.cpu())
                 all_prompts.extend(prompts)
-        rewards_per_func = self.accelerator.gather(torch.cat(all_scores).to(device)).cpu()
+        # Processes hold different numbers of rows when the prompts do not divide evenly: gather objects, not tensors.
+        num_funcs = len(self.reward_funcs)
+        local = torch.cat(all_scores) if all_scores else torch.empty(0, num_funcs)
+        gathered = gather_object(local.tolist())
+        rewards_per_func = torch.tensor(gathered, dtype=torch.float32).reshape(-1, num_funcs)
         rewards = core.combine_rewards(rewards_per_func, self.reward_weights)
         metrics_lists: defaultdict[str, list[float]] = defaultdict(list)
         self._log_reward_metrics(metrics_lists, rewards_per_func, rewards)
@@ -596,42 +940,59 @@ class DiffusionNFTTrainer(Trainer):
             valid = [v for v in values if not math.isnan(v)]
             metrics[f"{metric_key_prefix}_{key}"] = sum(valid) / len(valid) if valid else None
         self._metrics["eval"].clear()
+        metrics.update(self._eval_monitor_metrics(metric_key_prefix))
         metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
-        self._last_eval_images = (torch.cat(all_images), all_prompts)
-        self.log(metrics)
-        self._log_eval_images()
+        self._last_eval_images = (torch.cat(all_images), all_prompts) if all_images else None
+        with eval_mode(self.model):
+            self.log(metrics)
+        n = self.args.num_eval_images_to_log
+        if n and all_images:
+            self.log_images(EVAL_IMAGES_KEY, torch.cat(all_images)[:n], all_prompts[:n])
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _log_eval_images(self):
-        """Send a captioned grid of the first evaluation images to the trackers (as TRL's DDPO image hook did)."""
-        n = self.args.num_eval_images_to_log
-        if not n or self._last_eval_images is None or not self.is_world_process_zero():
+    def log_images(self, key: str, images, captions: list[str]) -> None:
+        """Send a captioned grid of `images` to every tracker in `report_to` (TensorBoard, W&B, trackio) at the
+        current step, then call `on_log_images(args, state, control, key=, images=, captions=, grid=)` on every
+        callback that defines it (the hook for other sinks). Images logged under `eval/samples` also become the
+        model card's gallery. Main process only.
+
+        Args:
+            key (`str`): the tracker's name for the image, e.g. `eval/samples` or `train/rollout_samples`.
+            images (`torch.Tensor` of shape `[B, 3, H, W]` in [0, 1], or a list of PIL images).
+            captions (`list[str]`): one caption per image (prompt, reward, ...).
+        """
+        if not self.is_world_process_zero() or len(images) == 0:
             return
+        from .tracking import log_image_to_trackers
         from .utils import image_grid
 
-        images, prompts = self._last_eval_images
-        grid = image_grid(images[:n], prompts[:n])
-        import numpy as np
-
-        array = np.asarray(grid)
+        if key == EVAL_IMAGES_KEY and isinstance(images, torch.Tensor):
+            self._last_eval_images = (images, list(captions))
+        grid = image_grid(images, list(captions))
+        log_image_to_trackers(self.callback_handler.callbacks, key, grid, self.state.global_step)
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-                callback.tb_writer.add_image("eval/samples", array, self.state.global_step, dataformats="HWC")
-                callback.tb_writer.flush()
-            elif type(callback).__name__ == "WandbCallback" and getattr(
-                getattr(callback, "_wandb", None), "run", None
-            ):
-                callback._wandb.log({"eval/samples": callback._wandb.Image(grid)}, commit=False)
+            hook = getattr(callback, "on_log_images", None)
+            if hook is not None:
+                hook(self.args, self.state, self.control, key=key, images=images, captions=list(captions), grid=grid)
 
     # ================================================================================================ saving
     def _save(self, output_dir: str | None = None, state_dict=None):
+        """Write the adapter in the diffusers format (or the fine-tuned denoiser's folder), `training_args.bin`, and
+        the model card with the last evaluation images beside it. `save_model()`, checkpoints and pushes all come
+        through here."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.adapter.denoiser
         with self._ema_weights():
+            bad = [n for n, p in zip(self._trainable_names, self._trainable, strict=True) if not p.isfinite().all()]
+            if bad:
+                raise RuntimeError(
+                    f"Refusing to write a non-finite adapter to {output_dir}: {len(bad)} weights hold NaN/inf (first: "
+                    f"{bad[0]}). {self._last_good_checkpoint_message()}"
+                )
             if self.use_lora:
                 from peft.utils import get_peft_model_state_dict
 
@@ -641,63 +1002,445 @@ class DiffusionNFTTrainer(Trainer):
             else:
                 denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial):
-        checkpoint_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-        super()._save_checkpoint(model, trial)
+        """Trainer's checkpoint plus the NFT state, written atomically: into `.tmp-checkpoint-N`, flushed, renamed."""
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = _checkpoint.staging_dir(final)
         if self.args.should_save:
-            # What the diffusers LoRA file does not hold: the old policy, the exact trained weights (the LoRA file holds
-            # the EMA when one is kept) and the EMA itself.
-            from safetensors.torch import save_file
+            shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
+            os.makedirs(staging)
+        self.accelerator.wait_for_everyone()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(staging, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)
+        self._save_rollout_buffer(staging)  # per process: each holds its own share of the rollout batch
+        if self.args.should_save:
+            self._save_nft_state(staging)
+            if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and (
+                self.state.best_global_step
+            ):
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if self.state.best_global_step == self.state.global_step or os.path.isdir(best):
+                    self.state.best_model_checkpoint = best
+            from transformers.trainer_callback import ExportableState
 
-            tensors = {f"trained.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._trainable)}
-            tensors.update({f"old.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._old)})
-            if self._ema is not None:
-                tensors.update({f"ema.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._ema)})
-            save_file(tensors, os.path.join(checkpoint_dir, NFT_STATE_NAME))
-            self.create_model_card(output_dir=checkpoint_dir)
+            for cb in [
+                cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)
+            ]:
+                name, cb_state = cb.__class__.__name__, cb.state()
+                if isinstance(self.state.stateful_callbacks[name], list):
+                    self.state.stateful_callbacks[name].append(cb_state)
+                else:
+                    self.state.stateful_callbacks[name] = cb_state
+            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+            self.create_model_card(output_dir=staging)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            _checkpoint.finalize(staging, final, self._checkpoint_description())
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _save_nft_state(self, output_dir: str):
+        # What the diffusers LoRA file does not hold: the exact trained weights (the LoRA file holds the EMA when one is
+        # kept), the old policy and the EMA, keyed by the trained parameter's name.
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for group, params in (("trained", self._trainable), ("old", self._old), ("ema", self._ema or [])):
+            for name, p in zip(self._trainable_names, params, strict=False):
+                tensors[f"{group}/{name}"] = p.detach().cpu().contiguous()
+        save_file(tensors, os.path.join(output_dir, _checkpoint.STATE_TENSORS))
+
+    def _save_rollout_buffer(self, output_dir: str):
+        from safetensors.torch import save_file
+
+        tensors, meta = _checkpoint.pack_buffer(self._buffered_inputs)
+        rank = self.accelerator.process_index
+        if tensors:
+            save_file(tensors, os.path.join(output_dir, f"rollout_buffer_{rank}.safetensors"))
+        with open(os.path.join(output_dir, f"rollout_buffer_{rank}.json"), "w") as f:
+            json.dump(meta, f)
+
+    def _checkpoint_description(self) -> dict[str, Any]:
+        grid = self._rollout_grid
+        return {
+            "global_step": self.state.global_step,
+            "micro_step": self._step,
+            "rollout_grid": grid.tolist() if grid is not None else None,
+            "use_lora": self.use_lora,
+            "lora": _checkpoint.lora_summary(self.adapter.denoiser.peft_config["default"]) if self.use_lora else None,
+            "batch_layout": _checkpoint.batch_layout(self.args),
+            "has_ema": self._ema is not None,
+        }
+
+    # ================================================================================================ resuming
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, plus: `resume_from_checkpoint=True` takes the newest *complete* checkpoint (skipping, with
+        a warning, one whose save was interrupted), and SIGTERM/SIGINT save a checkpoint and exit
+        (`save_on_signal`, see docs/checkpoints.md)."""
+        if resume_from_checkpoint is True:
+            output_dir = self.args.output_dir
+            resume_from_checkpoint, skipped = _checkpoint.newest_complete_checkpoint(output_dir)
+            for path, reason in skipped:
+                logger.warning(f"Skipping incomplete checkpoint {path}: {reason}.")
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint"
+                    + (f" ({len(skipped)} incomplete ones skipped)" if skipped else "")
+                    + ". Start without resume_from_checkpoint, or pass the path of a checkpoint."
+                )
+            logger.info(f"Resuming from {resume_from_checkpoint}.")
+        self._stop_signal = None
+        self._signal_guard = _checkpoint.SignalGuard() if self.args.save_on_signal else None
+        with self._signal_guard or contextlib.nullcontext():
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self._stop_signal is not None:
+            import signal
+
+            name = signal.Signals(self._stop_signal).name
+            path = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            logger.warning(
+                f"{name}: stopped after step {self.state.global_step} and saved checkpoint {path}. Resume with "
+                f"trainer.train(resume_from_checkpoint={path!r}) (or resume_from_checkpoint=True)."
+            )
+            raise SystemExit(128 + self._stop_signal)
+        return output
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from safetensors.torch import load_file
-
-        path = os.path.join(resume_from_checkpoint, NFT_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"{resume_from_checkpoint} is not a DiffusionNFT checkpoint: {NFT_STATE_NAME} is missing."
+        checkpoint = resume_from_checkpoint
+        state = _checkpoint.read_state(checkpoint)
+        fix = (
+            "Resume with the same value, or start a new run from this checkpoint's adapter "
+            "(pipe.load_lora_weights(checkpoint)) without resume_from_checkpoint."
+        )
+        _checkpoint.check_compatible(
+            checkpoint, state["batch_layout"], _checkpoint.batch_layout(self.args), "the batch layout", fix
+        )
+        _checkpoint.check_compatible(
+            checkpoint, {"use_lora": state["use_lora"]}, {"use_lora": self.use_lora}, "the setting", fix
+        )
+        if self.use_lora:
+            current = _checkpoint.lora_summary(self.adapter.denoiser.peft_config["default"])
+            _checkpoint.check_compatible(
+                checkpoint, state["lora"], current, "the LoRA config (peft_config / lora_*)", fix
             )
-        tensors = load_file(path)
-        groups = [("trained", self._trainable), ("old", self._old)] + ([("ema", self._ema)] if self._ema else [])
-        with torch.no_grad():
-            for prefix, params in groups:
-                for i, p in enumerate(params):
-                    p.copy_(tensors[f"{prefix}.{i}"].to(p.device, p.dtype))
+        tensors = _checkpoint.load_tensors(os.path.join(checkpoint, _checkpoint.STATE_TENSORS))
+        self._copy_named(checkpoint, tensors, "trained", self._trainable)
+        self._copy_named(checkpoint, tensors, "old", self._old)
+        if self._ema is not None:
+            if state["has_ema"]:
+                self._copy_named(checkpoint, tensors, "ema", self._ema)
+            else:
+                logger.warning(
+                    f"{checkpoint} was saved without an evaluation EMA (eval_ema_decay was None) but this run keeps "
+                    f"one (eval_ema_decay={self.args.eval_ema_decay}): it starts from the trained weights."
+                )
+                with torch.no_grad():
+                    for e, p in zip(self._ema, self._trainable, strict=True):
+                        e.copy_(p)
+        self._step = int(state["micro_step"])
+        grid = state["rollout_grid"]
+        self._rollout_grid = torch.tensor(grid, dtype=torch.float32) if grid is not None else None
+        self._buffered_inputs = self._load_rollout_buffer(checkpoint)
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
-        """Write `README.md` (diffusers LoRA card: base model, rewards, recipe, `load_lora_weights` snippet)."""
+    def _load_rollout_buffer(self, checkpoint: str):
+        rank = self.accelerator.process_index
+        meta_file = os.path.join(checkpoint, f"rollout_buffer_{rank}.json")
+        if not os.path.isfile(meta_file):
+            raise _checkpoint.CheckpointError(
+                f"{meta_file} is missing: {checkpoint} was saved by fewer processes than this run has."
+            )
+        with open(meta_file) as f:
+            meta = json.load(f)
+        tensor_file = os.path.join(checkpoint, f"rollout_buffer_{rank}.safetensors")
+        tensors = _checkpoint.load_tensors(tensor_file) if os.path.isfile(tensor_file) else {}
+        return _checkpoint.unpack_buffer(tensors, meta, self.accelerator.device)
+
+    def _copy_named(self, checkpoint: str, tensors: dict[str, torch.Tensor], group: str, params: list[torch.Tensor]):
+        prefix = f"{group}/"
+        saved = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        missing = [n for n in self._trainable_names if n not in saved]
+        unexpected = sorted(set(saved) - set(self._trainable_names))
+        if missing or unexpected:
+            raise _checkpoint.CheckpointError(
+                f"{os.path.join(checkpoint, _checkpoint.STATE_TENSORS)} does not match this model's trained "
+                f"parameters ({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+                f"{unexpected[:2]}): it was saved for another model or LoRA target modules. Resume with the same "
+                "model and lora_target_modules / peft_config."
+            )
+        with torch.no_grad():
+            for name, p in zip(self._trainable_names, params, strict=True):
+                value = saved[name]
+                if value.shape != p.shape:
+                    raise _checkpoint.CheckpointError(
+                        f"{checkpoint}: {group} weight {name} has shape {tuple(value.shape)} in the checkpoint but "
+                        f"{tuple(p.shape)} here. Resume with the same model and LoRA rank."
+                    )
+                p.copy_(value.to(p.device, p.dtype))
+
+    def _load_best_model(self):
+        checkpoint = self.state.best_model_checkpoint
+        logger.info(f"Loading the best weights from {checkpoint} (score: {self.state.best_metric}).")
+        tensors = _checkpoint.load_tensors(os.path.join(checkpoint, _checkpoint.STATE_TENSORS))
+        self._copy_named(checkpoint, tensors, "trained", self._trainable)
+        if self._ema is not None and any(k.startswith("ema/") for k in tensors):
+            self._copy_named(checkpoint, tensors, "ema", self._ema)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as err:
+            raise _checkpoint.CheckpointError(
+                f"Could not load the optimizer / scheduler state of {checkpoint} (optimizer.pt, scheduler.pt): "
+                f"{_first_line(err)}. The files are corrupt: resume from an earlier checkpoint, or delete "
+                "this one so that resume_from_checkpoint=True picks the previous one."
+            ) from err
+
+    def _load_rng_state(self, checkpoint):
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as err:
+            raise _checkpoint.CheckpointError(
+                f"Could not load the random state of {checkpoint} (rng_state*.pth): {_first_line(err)}. The "
+                "files are corrupt: resume from an earlier checkpoint, or delete this one."
+            ) from err
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ):
+        """Write `README.md` in `output_dir` (defaults to `args.output_dir`): a diffusers LoRA card with `base_model`,
+        licence, tags, a gallery of the last evaluation images (saved to `images/`), rewards, guidance, steps, the last
+        evaluation table, framework versions, the paper's citation and a snippet that loads the adapter from the
+        Hub repo (`hub_model_id`, or the repo `push_to_hub` created). `save_model()` calls this."""
         if not self.is_world_process_zero():
             return
-        output_dir = kwargs.pop("output_dir", None) or self.args.output_dir
+        output_dir = output_dir or self.args.output_dir
+        repo_id = self.hub_model_id or self.args.hub_model_id
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        samples = []
+        if self._last_eval_images is not None and self.args.num_eval_images_to_log:
+            from .utils import to_pil
+
+            images, captions = self._last_eval_images
+            n = min(CARD_IMAGES, self.args.num_eval_images_to_log, len(images))
+            samples = list(zip(to_pil(images[:n]), captions[:n], strict=True))
+        if model_name is None:
+            model_name = (repo_id or os.path.basename(os.path.normpath(self.args.output_dir))).split("/")[-1]
+        denoiser = self.adapter.denoiser
         write_model_card(
             output_dir,
             base_model=self.base_model_id,
             pipeline_class=type(self.pipeline).__name__,
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
-            hub_model_id=self.args.hub_model_id,
+            model_name=model_name,
+            repo_id=repo_id,
             reward_names=self.reward_func_names,
             reward_weights=self.reward_weights.tolist(),
             args=self.args,
             resolution=self.resolution,
             global_step=self.state.global_step,
             use_lora=self.use_lora,
-            dataset_name=dataset_name,
-            tags=list(self._tag_names) + list(tags or []),
+            denoiser_name=self.adapter.denoiser_name,
+            denoiser_class=type(getattr(denoiser, "base_model", denoiser)).__name__,
+            dataset_name=dataset_name if dataset_name is not None else getattr(self, "dataset_name", None),
+            tags=list(self._tag_names) + tags,
             log_history=self.state.log_history,
             example_prompt=self._example_prompt(),
             load_kwargs=dict.fromkeys(null_components(self.base_model_id)),
-            call_kwargs=self.adapter.call_kwargs(self.args.max_sequence_length, self.args.guidance_scale),
+            call_kwargs=self.adapter.call_kwargs(
+                self.args.max_sequence_length,
+                self.args.eval_guidance_scale
+                if self.args.eval_guidance_scale is not None
+                else self.args.guidance_scale,
+            ),
+            eval_samples=samples,
         )
+
+    # ================================================================================================ Hub
+    @property
+    def _hub_api(self):
+        from huggingface_hub import HfApi
+
+        # One HfApi per trainer: its single-worker executor runs the pushes during training one after another.
+        if getattr(self, "_hub_api_instance", None) is None:
+            self._hub_api_instance = HfApi(library_name="trl_nft")
+        return self._hub_api_instance
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create (or reuse) the Hub repo `hub_model_id` (defaults to the output folder's name in the token's
+        namespace) and record its full id in `self.hub_model_id`.
+
+        Raises:
+            `trl_nft.hub.PushToHubError`: the Hub refused the token or could not be reached (names the endpoint).
+        """
+        from .hub import create_repo
+
+        if not self.is_world_process_zero():
+            return
+        repo_name = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        self.hub_model_id = create_repo(
+            self._hub_api,
+            repo_name,
+            private=private if private is not None else self.args.hub_private_repo,
+            token=token if token is not None else self.args.hub_token,
+        )
+        self.push_in_progress = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push during training (each save, `push_to_hub=True`): the adapter, card and images of the checkpoint are
+        copied to `output_dir` and uploaded in the background; `hub_strategy="checkpoint"` also uploads the whole
+        checkpoint to `last-checkpoint/` (resumable). A failed upload is a logged warning; training goes on."""
+        from transformers.utils.hub import PushInProgress
+
+        from .hub import publish_patterns
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        import fnmatch
+        import shutil
+
+        output_dir = self.args.output_dir
+        patterns = publish_patterns(self.adapter.denoiser_name)
+        if os.path.isdir(os.path.join(output_dir, "images")):
+            shutil.rmtree(os.path.join(output_dir, "images"))
+        for root, _, files in os.walk(checkpoint_folder):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), checkpoint_folder).replace(os.sep, "/")
+                if any(fnmatch.fnmatch(rel, p) for p in patterns):
+                    os.makedirs(os.path.dirname(os.path.join(output_dir, rel)), exist_ok=True)
+                    shutil.copy2(os.path.join(root, name), os.path.join(output_dir, rel))
+        message = f"Training in progress, step {self.state.global_step}"
+        common = dict(repo_id=self.hub_model_id, token=self.args.hub_token, revision=self.args.hub_revision)
+        jobs = [
+            self._hub_api.upload_folder(
+                folder_path=output_dir,
+                allow_patterns=patterns,
+                commit_message=message,
+                run_as_future=True,
+                **common,
+            )
+        ]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            jobs.append(
+                self._hub_api.upload_folder(
+                    folder_path=checkpoint_folder,
+                    path_in_repo="last-checkpoint"
+                    if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                    else os.path.basename(checkpoint_folder),
+                    commit_message=message + ", checkpoint",
+                    run_as_future=True,
+                    **common,
+                )
+            )
+        for job in jobs:
+            job.add_done_callback(self._report_push)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    def _report_push(self, job) -> None:
+        from .hub import describe_error
+
+        err = job.exception()
+        if err is None:
+            return
+        message = describe_error(
+            err, api=self._hub_api, repo_id=self.hub_model_id, folder=self.args.output_dir, action="Pushing to"
+        )
+        self.failed_pushes.append(message)
+        logger.warning(f"{message}\nTraining continues; the next save or the final push_to_hub() uploads again.")
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Save the adapter and card and upload them (with the card's images) to `hub_model_id`, creating the repo if
+        needed. Checkpoint folders, `training_args.bin` and logs are not uploaded. Network errors and 5xx answers are
+        retried (`trl_nft.hub.PUSH_RETRY_WAITS`); pushes that failed during training are reported.
+
+        Args:
+            commit_message (`str`, defaults to `"End of training"`): the commit's message.
+            blocking (`bool`, defaults to `True`): `False` returns a `Future` (no retries).
+            token (`str`, *optional*): defaults to `args.hub_token`, then the logged-in token.
+            revision (`str`, *optional*): branch to push to; defaults to `args.hub_revision`.
+            private (`bool`, *optional*): visibility of a repo created here; defaults to `args.hub_private_repo`.
+            kwargs: passed to `create_model_card` (`model_name`, `dataset_name`, `tags`).
+
+        Returns:
+            `huggingface_hub.CommitInfo` (or a `Future` when `blocking=False`).
+
+        Raises:
+            `trl_nft.hub.PushToHubError`: naming the endpoint and repo; local files are never removed.
+        """
+        from .hub import publish_patterns, upload_run
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        self._finish_current_push()
+        revision = revision if revision is not None else self.args.hub_revision
+        if not blocking:
+            return self._hub_api.upload_folder(
+                repo_id=self.hub_model_id,
+                folder_path=self.args.output_dir,
+                allow_patterns=publish_patterns(self.adapter.denoiser_name),
+                commit_message=commit_message,
+                token=token,
+                revision=revision,
+                run_as_future=True,
+            )
+        info = upload_run(
+            self._hub_api,
+            self.args.output_dir,
+            self.hub_model_id,
+            commit_message=commit_message,
+            denoiser_name=self.adapter.denoiser_name,
+            token=token,
+            revision=revision,
+        )
+        failed = self.failed_pushes
+        if failed:
+            logger.warning(
+                f"{len(failed)} push(es) during training failed; this final push uploaded the current adapter and card: "
+                f"{info.commit_url}"
+            )
+            failed.clear()
+        else:
+            logger.info(f"Pushed to {info.commit_url}")
+        return info
 
     def _example_prompt(self) -> str:
         dataset = self.train_dataset

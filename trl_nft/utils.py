@@ -43,3 +43,15 @@ def image_grid(
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """`[B, 3, H, W]` in [0, 1] -> `uint8 [B, H, W, 3]`."""
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def require_shapes_extra(what: str) -> None:
+    """Raise a clear `ImportError` when the shapes world's optional dependencies (`trl_nft[shapes]`) are missing."""
+    from importlib.util import find_spec
+
+    missing = [name for name in ("scipy", "matplotlib") if find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"{what} needs the shapes world's extra dependencies ({', '.join(missing)} not installed): "
+            'pip install "trl_nft[shapes]"'
+        )

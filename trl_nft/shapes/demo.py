@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +20,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback
+from transformers.utils import logging
 
 from .world import TAGS, heldout_items, prompts_by_tag
 
+
+logger = logging.get_logger(__name__)
+
+#: Training seconds per optimizer step of 64 samples of the shipped recipe on this project's 2-core CPU machine, alone
+#: (run `ap`, docs/shapes_world.md: 225 steps in 15.2 minutes, of which about 100 s held-out evaluations).
+REFERENCE_SECONDS_PER_STEP = 3.6
+#: The demo warns when a step takes this many times the reference (a busy machine: the budget buys few steps).
+SLOW_FACTOR = 3.0
+#: Optimizer steps measured before the pace is judged.
+PACE_STEPS = 5
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes_demo.yaml")
 # The recipe for the SD1.x-family UNet base (`--base_model shapes-unet`): the same NFT settings, UNet LoRA targets.
@@ -44,7 +56,7 @@ def demo_config_for(argv: list[str]) -> str:
 class DemoArguments:
     """Options of the shapes demo (the training recipe itself is `DiffusionNFTConfig`, see the shipped YAML)."""
 
-    base_model: str = field(
+    model_name_or_path: str = field(
         default="shapes-base",
         metadata={
             "help": "Pipeline to fine-tune: 'shapes-base' / 'shapes-sd3' (the SD3 base shipped in the package), "
@@ -62,9 +74,6 @@ class DemoArguments:
     heldout_per_tag: int = field(
         default=72, metadata={"help": "Held-out items per tag family (72 x 6 = 432 items, fixed prompts and seeds)."}
     )
-    eval_inference_steps: int = field(
-        default=10, metadata={"help": "Solver steps of the held-out evaluation (CFG-free, as the base is judged)."}
-    )
     tag_weights: str = field(
         default="balanced",
         metadata={
@@ -72,11 +81,11 @@ class DemoArguments:
             "equally often), or 'tag=N,tag=N' repeat counts per family (0 drops a family)."
         },
     )
-    rewards: str = field(
-        default="shapes",
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["shapes"],
         metadata={
-            "help": "Comma-separated built-in rewards: 'shapes' (partial credit) and/or 'shapes_strict' (all "
-            "constraints met); weigh them with `reward_weights`."
+            "help": "Rewards: 'shapes' (partial credit) and/or 'shapes_strict' (all constraints met), or dotted paths "
+            "'module:function'; weigh them with `reward_weights`."
         },
     )
     num_sample_images: int = field(default=24, metadata={"help": "Held-out items shown in samples.png."})
@@ -120,6 +129,8 @@ class HeldoutEvalCallback(TrainerCallback):
         self.first_result: dict[str, Any] | None = None
         self.last_images: torch.Tensor | None = None
         self.last_result: dict[str, Any] | None = None
+        self.eval_seconds = 0.0
+        self.phase = "starting"
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -132,10 +143,13 @@ class HeldoutEvalCallback(TrainerCallback):
         from .evaluate import evaluate_pipeline
 
         t0 = time.perf_counter()
+        self.phase = "held-out eval"
         with self.trainer.evaluation_weights() as pipeline:
             result = evaluate_pipeline(
                 pipeline, self.items, num_inference_steps=self.steps, batch_size=144, return_images=True
             )
+        self.eval_seconds += time.perf_counter() - t0
+        self.phase = "training"
         images = result.pop("images")
         if self.first_images is None:
             self.first_images, self.first_result = images, result
@@ -157,10 +171,31 @@ class HeldoutEvalCallback(TrainerCallback):
         logs.update({f"eval_heldout/{k}": v for k, v in result["table"].items() if k != "overall"})
         n = self.trainer.args.num_eval_images_to_log
         captions = [f"{'OK' if r['strict'] else 'x'} {r['prompt']}" for r in result["per_item"][:n]]
-        self.trainer._last_eval_images = (images[:n], captions)
-        self.trainer.log(logs)
-        self.trainer._log_eval_images()
+        with self.trainer.evaluation_weights():  # eval mode: these logs close an evaluation, not a training window
+            self.trainer.log(logs)
+        if n:
+            self.trainer.log_images("eval/samples", images[:n], captions)
         return record
+
+    def check_pace(self, step: int) -> float | None:
+        """Warn once, after `PACE_STEPS` optimizer steps, when training runs far below the reference pace. Returns the
+        measured seconds per step (evaluations excluded), or None before the check."""
+        if step != PACE_STEPS:
+            return None
+        args = self.trainer.args
+        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        expected = REFERENCE_SECONDS_PER_STEP * samples / 64
+        measured = (self.elapsed() - self.eval_seconds) / step
+        if measured > SLOW_FACTOR * expected:
+            budget = max(self.max_seconds - self.elapsed(), 0.0)
+            logger.warning(
+                f"The demo runs at {measured:.1f} s per optimizer step, {measured / expected:.1f}x slower than the "
+                f"reference machine (2 free CPU cores: {expected:.1f} s per step of {samples} samples). The remaining "
+                f"{budget / 60:.1f} minutes will buy about {int(budget / measured)} more steps instead of "
+                f"{int(budget / expected)}, so expect a smaller held-out gain. Free the CPU (other jobs, "
+                "OMP_NUM_THREADS) or raise --max_minutes."
+            )
+        return measured
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -171,6 +206,7 @@ class HeldoutEvalCallback(TrainerCallback):
             self._write({"type": "train", "step": state.global_step, "minutes": self.elapsed() / 60, **logs})
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.check_pace(state.global_step)
         if self.elapsed() >= self.max_seconds:
             control.should_training_stop = True
         elif self.elapsed() - self.last_eval >= self.every_seconds:
@@ -185,15 +221,36 @@ class WallClockProgressCallback(TrainerCallback):
     """The demo's progress bar: minutes of its wall-clock budget (its step count is open-ended, so Trainer's step bar
     would show a meaningless total), with the step, the latest rollout reward and the latest held-out accuracy."""
 
-    def __init__(self, clock: HeldoutEvalCallback):
+    def __init__(self, clock: HeldoutEvalCallback, refresh_seconds: float = 2.0):
         self.clock = clock
         self.bar = None
         self.reward: float | None = None
+        self.refresh_seconds = refresh_seconds
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._postfix: dict[str, Any] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # Registered before the evaluation callback, so the bar exists (and ticks) while the base is evaluated.
         if state.is_world_process_zero:
-            self.bar = tqdm(total=round(self.clock.max_seconds / 60, 2), unit="min", desc="NFT on shapes", ncols=110,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} min {postfix}")
+            self.bar = tqdm(
+                total=round(self.clock.max_seconds / 60, 2),
+                unit="min",
+                desc="NFT on shapes",
+                ncols=110,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} min {postfix}",
+            )
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
+
+    def _tick(self):
+        # Minutes pass during rollouts and evaluations too, which can each take a while: move the bar on a timer.
+        while not self._stop.wait(self.refresh_seconds):
+            bar = self.bar
+            if bar is None:
+                return
+            bar.n = min(self.clock.elapsed() / 60, bar.total)
+            bar.set_postfix({**self._postfix, "phase": self.clock.phase}, refresh=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "reward" in logs:
@@ -206,11 +263,17 @@ class WallClockProgressCallback(TrainerCallback):
         postfix = {"step": state.global_step, "heldout": f"{self.clock.history[-1]['overall']:.3f}"}
         if self.reward is not None:
             postfix["reward"] = f"{self.reward:.3f}"
-        self.bar.set_postfix(postfix, refresh=True)
+        self._postfix = postfix
+        self.bar.set_postfix({**postfix, "phase": self.clock.phase}, refresh=True)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def close(self):
+        """Stop the bar (after the final evaluation, which runs in the evaluation callback's `on_train_end`)."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def plot_curves(metrics_path: str, out_path: str) -> None:
@@ -229,7 +292,9 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
         ax = axes[0][col]
         smoothed = len(train) >= 5
         raw_label = None if smoothed else "train reward"
-        ax.plot([r[x] for r in train], [r["reward"] for r in train], color="tab:blue", alpha=0.35, lw=1, label=raw_label)
+        ax.plot(
+            [r[x] for r in train], [r["reward"] for r in train], color="tab:blue", alpha=0.35, lw=1, label=raw_label
+        )
         if smoothed:
             k = max(1, len(train) // 20)
             smooth = [
@@ -305,31 +370,37 @@ def samples_figure(before: torch.Tensor, after: torch.Tensor, items, before_ok, 
 def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
     from ..trainer import DiffusionNFTTrainer
     from .judge import format_table
-    from .pretrain import load_base_pipeline, resolve_base_path
+    from .pretrain import load_base_pipeline
     from .world import make_dataset
 
     out = training_args.output_dir
     items = heldout_items(n_per_tag=demo_args.heldout_per_tag)
     trainer = DiffusionNFTTrainer(
-        load_base_pipeline(demo_args.base_model),
-        [name.strip() for name in demo_args.rewards.split(",")],
+        load_base_pipeline(demo_args.model_name_or_path),
+        demo_args.reward_funcs,
         args=training_args,
         train_dataset=make_dataset("train", tag_weights=parse_tag_weights(demo_args.tag_weights)),
     )
-    trainer.base_model_id = resolve_base_path(demo_args.base_model)
+    trainer.base_model_id = demo_args.model_name_or_path
     callback = HeldoutEvalCallback(
         trainer,
         items,
         out,
         every_seconds=demo_args.eval_every_minutes * 60,
         max_seconds=demo_args.max_minutes * 60,
-        steps=demo_args.eval_inference_steps,
+        steps=training_args.eval_num_inference_steps,
     )
-    trainer.add_callback(callback)
+    progress = None
     if not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(WallClockProgressCallback(callback))
-    trainer.train()
+        progress = WallClockProgressCallback(callback)
+        trainer.add_callback(progress)
+    trainer.add_callback(callback)
+    try:
+        trainer.train()
+    finally:
+        if progress is not None:
+            progress.close()
     trainer.save_model(out)
 
     first, last = callback.history[0], callback.history[-1]
@@ -363,7 +434,7 @@ def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
     trainer.create_model_card(dataset_name=None)
     with open(os.path.join(out, "README.md"), "a") as f:
         f.write(
-            "\n## Held-out evaluation (shapes world, strict, 10-step CFG-free)\n\n"
+            f"\n## Held-out evaluation (shapes world, strict, {training_args.eval_num_inference_steps}-step CFG-free)\n\n"
             f"{len(items)} fixed (prompt, seed) items; overall = mean of the six per-tag accuracies (GenEval's rule).\n\n"
             "| tag | base | trained |\n|---|---|---|\n"
             + "".join(f"| {t} | {before_table[t]:.3f} | {after_table[t]:.3f} |\n" for t in (*TAGS, "overall"))

@@ -1,0 +1,54 @@
+"""The demo's wall-clock progress bar and its pace warning (no training: the clock is driven directly)."""
+
+import time
+from types import SimpleNamespace
+
+from transformers.testing_utils import CaptureLogger
+
+
+def _clock(tmp_path, **args):
+    from trl_nft.shapes.demo import HeldoutEvalCallback
+
+    trainer_args = SimpleNamespace(per_device_train_batch_size=64, gradient_accumulation_steps=1, world_size=1, **args)
+    return HeldoutEvalCallback(
+        SimpleNamespace(args=trainer_args), [], str(tmp_path), every_seconds=60, max_seconds=15 * 60
+    )
+
+
+def test_progress_bar_moves_while_no_step_ends(tmp_path):
+    from trl_nft.shapes.demo import WallClockProgressCallback
+
+    clock = _clock(tmp_path)
+    clock.start = time.perf_counter() - 90  # 1.5 minutes into the run, inside a long evaluation
+    clock.phase = "held-out eval"
+    progress = WallClockProgressCallback(clock, refresh_seconds=0.05)
+    progress.on_train_begin(None, SimpleNamespace(is_world_process_zero=True), None)
+    try:
+        deadline = time.time() + 10
+        while progress.bar.n < 1.5 and time.time() < deadline:
+            time.sleep(0.05)
+        assert progress.bar.n >= 1.5
+        assert "held-out eval" in str(progress.bar)
+    finally:
+        progress.close()
+    assert not progress._ticker.is_alive()
+
+
+def test_pace_warning_when_steps_are_far_slower_than_the_reference(tmp_path):
+    from trl_nft.shapes import demo
+
+    logger = demo.logger
+    slow = _clock(tmp_path)
+    slow.start = time.perf_counter() - (demo.PACE_STEPS * 20 + 30)  # 20 s a step (reference 3.6 s) + 30 s of evals
+    slow.eval_seconds = 30
+    with CaptureLogger(logger) as captured:
+        assert slow.check_pace(demo.PACE_STEPS - 1) is None
+        measured = slow.check_pace(demo.PACE_STEPS)
+    assert 19 < measured < 21
+    assert "slower than the reference machine" in captured.out and "--max_minutes" in captured.out
+
+    fast = _clock(tmp_path)
+    fast.start = time.perf_counter() - demo.PACE_STEPS * 4
+    with CaptureLogger(logger) as captured:
+        fast.check_pace(demo.PACE_STEPS)
+    assert captured.out == ""
