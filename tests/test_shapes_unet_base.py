@@ -143,9 +143,9 @@ def test_demo_picks_the_unet_recipe_by_base_name():
 
     from trl_nft.shapes.demo import DEMO_CONFIG, DEMO_CONFIG_UNET, demo_config_for
 
-    assert demo_config_for(["--base_model", "shapes-unet"]) == DEMO_CONFIG_UNET
+    assert demo_config_for(["--model_name_or_path", "shapes-unet"]) == DEMO_CONFIG_UNET
     assert demo_config_for(["--model_name_or_path=shapes-unet", "--max_minutes", "1"]) == DEMO_CONFIG_UNET
-    assert demo_config_for(["--base_model", "shapes-base"]) == demo_config_for([]) == DEMO_CONFIG
+    assert demo_config_for(["--model_name_or_path", "shapes-base"]) == demo_config_for([]) == DEMO_CONFIG
     with open(DEMO_CONFIG_UNET) as f:
         recipe = yaml.safe_load(f)
-    assert recipe["base_model"] == "shapes-unet" and "conv1" in recipe["lora_target_modules"]
+    assert recipe["model_name_or_path"] == "shapes-unet" and "conv1" in recipe["lora_target_modules"]

@@ -36,16 +36,16 @@ SLOW_FACTOR = 3.0
 PACE_STEPS = 5
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes_demo.yaml")
-# The recipe for the SD1.x-family UNet base (`--base_model shapes-unet`): the same NFT settings, UNet LoRA targets.
+# The recipe for the SD1.x-family UNet base (`--model_name_or_path shapes-unet`): the same NFT settings, UNet LoRA targets.
 DEMO_CONFIG_UNET = os.path.join(os.path.dirname(DEMO_CONFIG), "shapes_demo_unet.yaml")
 
 
 def demo_config_for(argv: list[str]) -> str:
-    """The shipped recipe for the base named on the command line (`--base_model` / `--model_name_or_path`):
+    """The shipped recipe for the base named on the command line (`--model_name_or_path`):
     `DEMO_CONFIG_UNET` for `shapes-unet`, `DEMO_CONFIG` otherwise."""
     for i, arg in enumerate(argv):
         name, sep, value = arg.partition("=")
-        if name in ("--base_model", "--base-model", "--model_name_or_path", "--model-name-or-path"):
+        if name in ("--model_name_or_path", "--model-name-or-path"):
             value = value if sep else (argv[i + 1] if i + 1 < len(argv) else "")
             if value in ("shapes-unet", "unet"):
                 return DEMO_CONFIG_UNET
