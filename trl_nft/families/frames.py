@@ -26,6 +26,7 @@ solver in this frame, which is how the tests check the conversion against a pipe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,26 +57,21 @@ class FlowFrame:
     shift_mu: float | None = None
     shift_type: str = "exponential"
 
+    def _shift_factor(self) -> float:
+        # The scheduler's resolution-dependent time shift (FlowMatchEulerDiscreteScheduler.time_shift, sigma = 1):
+        # shifted = m / (m + 1/u - 1) with m = exp(mu) ("exponential") or mu ("linear").
+        return math.exp(self.shift_mu) if self.shift_type == "exponential" else self.shift_mu
+
     def _shift(self, u: torch.Tensor) -> torch.Tensor:
-        # The scheduler's resolution-dependent time shift (FlowMatchEulerDiscreteScheduler.time_shift, sigma = 1).
         if self.shift_mu is None:
             return u
-        m = (
-            torch.tensor(self.shift_mu, dtype=torch.float64).exp()
-            if self.shift_type == "exponential"
-            else self.shift_mu
-        )
+        m = self._shift_factor()
         return m / (m + (1 / u.clamp_min(1e-12) - 1))
 
     def _unshift(self, t: torch.Tensor) -> torch.Tensor:
         if self.shift_mu is None:
             return t
-        m = (
-            torch.tensor(self.shift_mu, dtype=torch.float64).exp()
-            if self.shift_type == "exponential"
-            else self.shift_mu
-        )
-        return 1 / (1 + m * (1 / t.double().clamp_min(1e-12) - 1))
+        return 1 / (1 + self._shift_factor() * (1 / t.double().clamp_min(1e-12) - 1))
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return (self.offset + self.scale * self._unshift(t)).to(t.dtype)
