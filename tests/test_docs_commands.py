@@ -40,6 +40,12 @@ def doc_blocks(page: str) -> list[list[str]]:
         for line in block.splitlines():
             for part in line.split("#")[0].split("&&"):
                 part = part.strip()
+                # `serve-reward` runs a server until stopped: tests/test_reward_server.py serves it on loopback.
+                if part.startswith("trl-nft serve-reward"):
+                    continue
+                # `accelerate launch train.py` examples launch the reader's own script, not trl_nft's.
+                if part.startswith("accelerate launch ") and "trl_nft.cli" not in part:
+                    continue
                 if part.startswith(("trl-nft ", "cd ", "accelerate launch ")) or part == "trl-nft":
                     commands.append(part)
         blocks.append(commands)

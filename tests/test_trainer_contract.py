@@ -361,6 +361,9 @@ def test_repeated_non_finite_steps_stop_naming_the_last_good_checkpoint(tiny_pip
         save_strategy="steps",
         save_steps=1,
         max_nonfinite_steps=1,
+        # The blown-up policy's images are NaN: score them as missing so that the non-finite *step* guard is reached
+        # (by default the reward boundary stops the run first, naming the reward).
+        non_finite_rewards="missing",
     )
     with pytest.raises(
         RuntimeError, match=r"max_nonfinite_steps=1\); stopping.*The last good checkpoint is .*checkpoint-"
