@@ -206,6 +206,35 @@ def learning_rate_factor(step: int, config: PretrainConfig) -> float:
     return warmup * min(1.0, max(0.0, (config.transformer_steps - step) / max(1, config.lr_decay_steps)))
 
 
+def _optimizer_step(step, loss, model, optimizer, scheduler, ema, pipe, config, recent, start, name) -> list[float]:
+    """One optimizer and EMA step of a denoiser stage, with its progress log and EMA checkpoint; returns the window of
+    recent losses. Shared by the SD3 transformer and the UNet stages."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+    recent = (recent + [loss.item()])[-50:]
+    if step % config.log_every == 0 or step == config.transformer_steps:
+        elapsed = time.perf_counter() - start
+        logger.info(
+            "%s step %d/%d  loss %.4f  grad %.2f  lr %.2e  %.2f s/step",
+            name,
+            step,
+            config.transformer_steps,
+            np.mean(recent),
+            grad_norm.item(),
+            scheduler.get_last_lr()[0],
+            elapsed / step,
+        )
+    if config.checkpoint_every and config.checkpoint_dir and step % config.checkpoint_every == 0:
+        path = os.path.join(config.checkpoint_dir, f"step-{step}")
+        _with_components(pipe, **ema).save_pretrained(path)
+        logger.info("saved EMA checkpoint %s", path)
+    return recent
+
+
 def train_transformer(
     pipe,
     latents: torch.Tensor,
@@ -262,28 +291,9 @@ def train_transformer(
                 return_dict=False,
             )[0]
         loss = F.mse_loss(pred.float(), noise - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
-        recent = (recent + [loss.item()])[-50:]
-        if step % config.log_every == 0 or step == config.transformer_steps:
-            elapsed = time.perf_counter() - start
-            logger.info(
-                "transformer step %d/%d  loss %.4f  grad %.2f  lr %.2e  %.2f s/step",
-                step,
-                config.transformer_steps,
-                np.mean(recent),
-                grad_norm.item(),
-                scheduler.get_last_lr()[0],
-                elapsed / step,
-            )
-        if config.checkpoint_every and config.checkpoint_dir and step % config.checkpoint_every == 0:
-            path = os.path.join(config.checkpoint_dir, f"step-{step}")
-            _with_components(pipe, **ema).save_pretrained(path)
-            logger.info("saved EMA checkpoint %s", path)
+        recent = _optimizer_step(
+            step, loss, model, optimizer, scheduler, ema, pipe, config, recent, start, "transformer"
+        )
     model.requires_grad_(False).eval()
     return dict(ema)
 
@@ -384,28 +394,7 @@ def train_unet(
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             pred = model["unet"](x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
-        recent = (recent + [loss.item()])[-50:]
-        if step % config.log_every == 0 or step == config.transformer_steps:
-            elapsed = time.perf_counter() - start
-            logger.info(
-                "unet step %d/%d  loss %.4f  grad %.2f  lr %.2e  %.2f s/step",
-                step,
-                config.transformer_steps,
-                np.mean(recent),
-                grad_norm.item(),
-                scheduler.get_last_lr()[0],
-                elapsed / step,
-            )
-        if config.checkpoint_every and config.checkpoint_dir and step % config.checkpoint_every == 0:
-            path = os.path.join(config.checkpoint_dir, f"step-{step}")
-            _with_components(pipe, **ema).save_pretrained(path)
-            logger.info("saved EMA checkpoint %s", path)
+        recent = _optimizer_step(step, loss, model, optimizer, scheduler, ema, pipe, config, recent, start, "unet")
     model.requires_grad_(False).eval()
     return dict(ema)
 
