@@ -69,6 +69,25 @@ def build_word_tokenizer(vocabulary: Sequence[str], model_max_length: int):
     )
 
 
+def _clip_text_config(tokenizer, spec, **extra):
+    """The small CLIP text-encoder config both tiny builders use, sized by `spec` and tied to the word tokenizer."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 2,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=2,
+        max_position_embeddings=spec.text_max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_act="gelu",
+        **extra,
+    )
+
+
 def build_tiny_sd3_pipeline(
     vocabulary: Sequence[str], spec: TinySD3Spec | str = "test", seed: int = 0, shift: float = 2.0
 ):
@@ -86,24 +105,12 @@ def build_tiny_sd3_pipeline(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     if isinstance(spec, str):
         spec = TinySD3Spec.preset(spec)
     tokenizer = build_word_tokenizer(vocabulary, spec.text_max_length)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_hidden * 2,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=2,
-        projection_dim=spec.text_hidden,
-        max_position_embeddings=spec.text_max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        hidden_act="gelu",
-    )
+    text_config = _clip_text_config(tokenizer, spec, projection_dim=spec.text_hidden)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(text_config)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
@@ -241,23 +248,12 @@ def build_tiny_sd_pipeline(vocabulary: Sequence[str], spec: TinySDSpec | str = "
         seed: seeds the weight initialisation, so two calls give identical pipelines.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if isinstance(spec, str):
         spec = TinySDSpec.preset(spec)
     tokenizer = build_word_tokenizer(vocabulary, spec.text_max_length)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_hidden * 2,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=2,
-        max_position_embeddings=spec.text_max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        hidden_act="gelu",
-    )
+    text_config = _clip_text_config(tokenizer, spec)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     # As for the SD3 builder: wider random embeddings keep prompts apart before any training.
