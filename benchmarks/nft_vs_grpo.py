@@ -1,0 +1,231 @@
+"""DiffusionNFT against Flow-GRPO on the shapes world: same base, reward, rollouts per iteration and wall-clock budget.
+
+    python benchmarks/nft_vs_grpo.py --minutes 12 --out runs/nft_vs_grpo       # NFT demo, then Flow-GRPO (~25 min)
+    python benchmarks/nft_vs_grpo.py --methods nft flow-grpo flow-grpo-fast      # also the CFG-free "fast" variant
+    python benchmarks/nft_vs_grpo.py --summarise runs/nft_vs_grpo                # table + plots of finished runs
+
+Runs, one after another and each in its own process with the machine to itself: `trl-nft demo` (the shipped recipe,
+trl_nft/configs/shapes_demo.yaml) and `benchmarks/flow_grpo.py` (Flow-GRPO, faithful to the official code; its
+deviations are listed in docs/benchmarks_flow_grpo.md). Both sample 16 prompts x 16 images per iteration, are rewarded
+by `shapes_reward`, start from the shipped base, run in the same precision (`--bf16` for both, float32 by default)
+and evaluate the same 432 held-out items every `--eval_every_minutes`.
+
+Prints a table (method, start / best / final held-out strict accuracy, iterations, seconds per iteration) and, for
+each Flow-GRPO run, the ratio "time for NFT to reach Flow-GRPO's best held-out accuracy / Flow-GRPO's time to reach it"
+and its inverse (NFT's speed-up), twice: under each method's own evaluation protocol (NFT CFG-free, Flow-GRPO with CFG,
+as the paper compares them) and with both CFG-free. Writes `nft_vs_grpo.png` (held-out accuracy and training reward
+against wall-clock and against iterations) and `summary.json` in the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("nft", "flow-grpo", "flow-grpo-fast")
+LABELS = {
+    "nft": "DiffusionNFT (demo recipe)",
+    "flow-grpo": "Flow-GRPO (CFG)",
+    "flow-grpo-fast": "Flow-GRPO fast (CFG-free)",
+}
+
+
+def command(method: str, out: str, minutes: float, eval_every: float, bf16: bool, extra: list[str]) -> list[str]:
+    """The command line of one run."""
+    common = ["--output_dir", out, "--max_minutes", str(minutes), "--bf16", str(bf16).lower()]
+    if method == "nft":
+        return [sys.executable, "-m", "trl_nft.cli", "demo", *common, "--eval_every_minutes", str(eval_every),
+                "--disable_tqdm", "true", *extra]  # fmt: skip
+    fast = ["--fast", "true"] if method == "flow-grpo-fast" else []
+    return [sys.executable, os.path.join(HERE, "flow_grpo.py"), *common, "--eval_every_minutes", str(eval_every),
+            *fast, *extra]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading runs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_run(path: str) -> dict | None:
+    """Held-out and training records of one run directory, with the iteration (rollout batch) count attached to each.
+
+    The demo logs `reward` on the optimizer step that consumed a new rollout batch, as does flow_grpo.py, so the
+    number of `reward` records up to a step is the number of iterations done by then (for both methods).
+    """
+    metrics = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        return None
+    with open(metrics) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    rollouts = [r for r in records if r["type"] == "train" and "reward" in r]
+    held = [r for r in records if r["type"] == "heldout"]
+    if not held:
+        return None
+    for i, r in enumerate(rollouts):
+        r["iteration"] = i + 1
+    for r in held:
+        r["iteration"] = sum(1 for x in rollouts if x["step"] <= r["step"])
+        r.setdefault("cfg_free/overall", r["overall"] if r.get("guidance_scale", 1.0) == 1.0 else None)
+    eval_seconds = sum(r.get("eval_seconds", 0.0) for r in held[:-1])
+    last_minutes = max([r["minutes"] for r in records if r["type"] == "train"] or [held[-1]["minutes"]])
+    iterations = len(rollouts)
+    train_seconds = max(last_minutes * 60 - eval_seconds, 0.0)
+    return {
+        "held": held,
+        "rollouts": rollouts,
+        "iterations": iterations,
+        "optimizer_steps": max([r["step"] for r in records if r["type"] == "train"] or [0]),
+        "seconds_per_iteration": train_seconds / iterations if iterations else math.nan,
+        "minutes": held[-1]["minutes"],
+    }
+
+
+def first_reaching(held: list[dict], target: float, key: str = "overall") -> dict | None:
+    """The first evaluation with accuracy >= target (None if never)."""
+    for r in held:
+        if r.get(key) is not None and r[key] >= target - 1e-12:
+            return r
+    return None
+
+
+def compare(nft: dict, peer: dict, peer_key: str, name: str) -> dict:
+    """NFT's time to the peer's best accuracy (read with `peer_key`) against the peer's own time to it."""
+    best = max(peer["held"], key=lambda r: r[peer_key])
+    target, t_peer = best[peer_key], best["minutes"]
+    reach = first_reaching(nft["held"], target)
+    out = {"protocol": name, "target": target, "peer_minutes": t_peer, "peer_iteration": best["iteration"]}
+    nft_best = max(r["overall"] for r in nft["held"])
+    if reach is None:
+        out.update(reached=False, text=(
+            f"NFT never reached Flow-GRPO's best {target:.3f} ({name}) within {nft['minutes']:.1f} min "
+            f"(NFT's best {nft_best:.3f}); Flow-GRPO reached it at {t_peer:.1f} min."))  # fmt: skip
+        return out
+    t_nft = reach["minutes"]
+    out.update(reached=True, nft_minutes=t_nft, nft_iteration=reach["iteration"])
+    if best is peer["held"][0] or t_peer <= 0:
+        out.update(text=(
+            f"Flow-GRPO's best {target:.3f} ({name}) is its starting point (the base, no training), which NFT "
+            f"reaches at {t_nft:.1f} min; no time ratio."))  # fmt: skip
+        return out
+    ratio = t_nft / t_peer
+    out.update(ratio=ratio, speedup=1 / ratio if ratio > 0 else math.inf)
+    out["text"] = (
+        f"Flow-GRPO's best {target:.3f} ({name}): Flow-GRPO {t_peer:.1f} min (iteration {best['iteration']}), "
+        f"NFT {t_nft:.1f} min (iteration {reach['iteration']}): time ratio NFT / Flow-GRPO = {ratio:.2f}, "
+        f"NFT speed-up {out['speedup']:.1f}x."
+    )
+    return out
+
+
+def summarise(root: str) -> str:
+    runs = {m: read_run(os.path.join(root, m)) for m in METHODS}
+    runs = {m: r for m, r in runs.items() if r is not None}
+    if not runs:
+        return f"No finished runs (metrics.jsonl with held-out records) under {root}/{{{','.join(METHODS)}}}."
+    lines = [
+        "| method | start acc | best acc (min, iter) | final acc | CFG-free start / best / final | iterations | "
+        "optimizer steps | s/iteration |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, run in runs.items():
+        held = run["held"]
+        best = max(held, key=lambda r: r["overall"])
+        free = [r["cfg_free/overall"] for r in held if r.get("cfg_free/overall") is not None]
+        free_cell = f"{free[0]:.3f} / {max(free):.3f} / {free[-1]:.3f}" if free else "-"
+        lines.append(
+            f"| {LABELS[m]} | {held[0]['overall']:.3f} | {best['overall']:.3f} ({best['minutes']:.1f}, "
+            f"{best['iteration']}) | {held[-1]['overall']:.3f} | {free_cell} | {run['iterations']} | "
+            f"{run['optimizer_steps']} | {run['seconds_per_iteration']:.1f} |"
+        )
+    comparisons = []
+    if "nft" in runs:
+        for peer in ("flow-grpo", "flow-grpo-fast"):
+            if peer in runs:
+                own = "own protocols: NFT CFG-free, Flow-GRPO CFG" if peer == "flow-grpo" else "both CFG-free"
+                comparisons.append({"peer": peer, **compare(runs["nft"], runs[peer], "overall", own)})
+                if peer == "flow-grpo":
+                    comparisons.append({"peer": peer, **compare(runs["nft"], runs[peer], "cfg_free/overall",
+                                                                 "both CFG-free")})  # fmt: skip
+    text = "\n".join(lines)
+    if comparisons:
+        text += "\n\n" + "\n".join(f"- {LABELS[c['peer']]}: {c['text']}" for c in comparisons)
+    with open(os.path.join(root, "summary.json"), "w") as f:
+        json.dump({"runs": {m: {k: v for k, v in r.items() if k not in ("held", "rollouts")} for m, r in runs.items()},
+                   "comparisons": comparisons}, f, indent=2)  # fmt: skip
+    plot(runs, os.path.join(root, "nft_vs_grpo.png"))
+    return text
+
+
+def plot(runs: dict[str, dict], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"nft": "tab:red", "flow-grpo": "tab:blue", "flow-grpo-fast": "tab:green"}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
+    for col, x in enumerate(("minutes", "iteration")):
+        ax = axes[0][col]
+        for m, run in runs.items():
+            held = run["held"]
+            ax.plot([r[x] for r in held], [r["overall"] for r in held], "o-", color=colours[m], lw=2, ms=4,
+                    label=LABELS[m] + (" (own protocol)" if m == "flow-grpo" else ""))  # fmt: skip
+            if m == "flow-grpo":
+                free = [(r[x], r["cfg_free/overall"]) for r in held if r.get("cfg_free/overall") is not None]
+                ax.plot(
+                    *zip(*free, strict=True),
+                    "s--",
+                    color=colours[m],
+                    lw=1.2,
+                    ms=3,
+                    alpha=0.7,
+                    label="Flow-GRPO, CFG-free eval",
+                )
+        ax.set_ylabel("held-out strict accuracy (432 items)")
+        ax.grid(alpha=0.3)
+        ax = axes[1][col]
+        for m, run in runs.items():
+            rows = run["rollouts"]
+            ax.plot([r[x] for r in rows], [r["reward"] for r in rows], "-", color=colours[m], lw=1.5, label=LABELS[m])
+        ax.set_ylabel("training reward (shapes_reward, rollout mean)")
+        ax.set_xlabel("wall-clock minutes (evaluations included)" if x == "minutes" else "iterations (256 rollouts)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    axes[1][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("DiffusionNFT vs Flow-GRPO on the shapes world (same base, reward, rollouts, wall-clock)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/nft_vs_grpo")
+    parser.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each run")
+    parser.add_argument("--eval_every_minutes", type=float, default=1.5, help="held-out evaluation interval (both)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["nft", "flow-grpo"])
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both methods (default float32)")
+    parser.add_argument("--nft_args", nargs=argparse.REMAINDER, default=[],
+                        help="extra flags for `trl-nft demo` (must come last)")  # fmt: skip
+    parser.add_argument("--grpo_args", nargs="*", default=[], help="extra flags for flow_grpo.py (e.g. --seed 1)")
+    parser.add_argument("--summarise", metavar="DIR", help="only print the table and re-plot the finished runs in DIR")
+    args = parser.parse_args(argv)
+    if args.summarise:
+        print(summarise(args.summarise))
+        return
+    for method in args.methods:
+        extra = args.nft_args if method == "nft" else args.grpo_args
+        cmd = command(method, os.path.join(args.out, method), args.minutes, args.eval_every_minutes, args.bf16, extra)
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    print(summarise(args.out))
+
+
+if __name__ == "__main__":
+    main()
