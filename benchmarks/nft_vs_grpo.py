@@ -7,7 +7,7 @@
 Runs, one after another and each in its own process with the machine to itself: `trl-nft demo` (the shipped recipe,
 trl_nft/configs/shapes_demo.yaml) and `benchmarks/flow_grpo.py` (Flow-GRPO, faithful to the official code; its
 deviations are listed in docs/benchmarks_flow_grpo.md). Both sample 16 prompts x 16 images per iteration, are rewarded
-by `shapes_reward`, start from the shipped base, run in the same precision (`--bf16` for both, float32 by default)
+by `shapes_reward`, start from the shipped base, run in the same precision (`--precision`, measured once by default)
 and evaluate the same 432 held-out items every `--eval_every_minutes`.
 
 Prints a table (method, start / best / final held-out strict accuracy, iterations, seconds per iteration) and, for
@@ -45,6 +45,34 @@ def command(method: str, out: str, minutes: float, eval_every: float, bf16: bool
     fast = ["--fast", "true"] if method == "flow-grpo-fast" else []
     return [sys.executable, os.path.join(HERE, "flow_grpo.py"), *common, "--eval_every_minutes", str(eval_every),
             *fast, *extra]  # fmt: skip
+
+
+def resolve_precision(precision: str) -> bool:
+    """bf16 autocast or not, for both runs: fixed, or (`"auto"`) chosen once the way `trl-nft demo --precision auto`
+    chooses (bf16 where a GPU supports it; on a CPU, the faster of float32 and bf16 autocast on a 2-step rollout)."""
+    if precision != "auto":
+        return precision == "bf16"
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    from trl_nft.precision import choose_cpu_precision
+    from trl_nft.shapes.pretrain import MAX_SEQUENCE_LENGTH, load_base_pipeline
+    from trl_nft.shapes.world import make_dataset
+
+    pipe = load_base_pipeline("shapes-base")
+    prompts = list(make_dataset("train")["prompt"][:8])
+    choice = choose_cpu_precision(
+        lambda: pipe(
+            prompts,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            output_type="pt",
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )  # fmt: skip
+    )
+    print(f"precision for both runs: {choice.reason}", flush=True)
+    return choice.bf16
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each run")
     parser.add_argument("--eval_every_minutes", type=float, default=1.5, help="held-out evaluation interval (both)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["nft", "flow-grpo"])
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both methods (default float32)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="one precision for both runs; 'auto' measures it once as `trl-nft demo` does")  # fmt: skip
     parser.add_argument("--nft_args", nargs=argparse.REMAINDER, default=[],
                         help="extra flags for `trl-nft demo` (must come last)")  # fmt: skip
     parser.add_argument("--grpo_args", nargs="*", default=[], help="extra flags for flow_grpo.py (e.g. --seed 1)")
@@ -219,9 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.summarise:
         print(summarise(args.summarise))
         return
+    bf16 = resolve_precision(args.precision)
     for method in args.methods:
         extra = args.nft_args if method == "nft" else args.grpo_args
-        cmd = command(method, os.path.join(args.out, method), args.minutes, args.eval_every_minutes, args.bf16, extra)
+        cmd = command(method, os.path.join(args.out, method), args.minutes, args.eval_every_minutes, bf16, extra)
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     print(summarise(args.out))
