@@ -147,3 +147,32 @@ def test_config_fast_variant_and_errors():
         flow_grpo.FlowGRPOConfig(sde_type="ode")
     with pytest.raises(ValueError, match="num_generations"):
         flow_grpo.FlowGRPOConfig(num_generations=1)
+
+
+def _write_run(path, evals, rewards, steps_per_iteration):
+    """metrics.jsonl as the demo and flow_grpo.py write it: held-out records `(minutes, step, overall)` and one
+    rollout-reward record per iteration on its first optimizer step."""
+    import json
+
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for i, reward in enumerate(rewards):
+            step = i * steps_per_iteration + 1
+            f.write(json.dumps({"type": "train", "step": step, "minutes": step / 10, "reward": reward}) + "\n")
+        for minutes, step, overall in evals:
+            f.write(json.dumps({"type": "heldout", "step": step, "minutes": minutes, "overall": overall}) + "\n")
+
+
+def test_comparison_reports_the_time_ratio_or_that_nft_never_got_there(tmp_path):
+    import nft_vs_grpo
+
+    _write_run(str(tmp_path / "nft"), [(0, 0, 0.30), (2, 8, 0.45), (4, 16, 0.55)], [0.6, 0.7, 0.75, 0.8], 4)
+    _write_run(str(tmp_path / "flow-grpo"), [(0, 0, 0.30), (3, 2, 0.40), (6, 4, 0.45)], [0.6, 0.65], 2)
+    text = nft_vs_grpo.summarise(str(tmp_path))
+    assert "time ratio NFT / Flow-GRPO = 0.33, NFT speed-up 3.0x" in text  # 0.45 at 2 min against 6 min
+    assert os.path.isfile(tmp_path / "nft_vs_grpo.png")
+    nft = nft_vs_grpo.read_run(str(tmp_path / "nft"))
+    assert nft["iterations"] == 4 and [r["iteration"] for r in nft["held"]] == [0, 2, 4]
+    peer = {"held": [{"minutes": 0, "iteration": 0, "overall": 0.3}, {"minutes": 6, "iteration": 4, "overall": 0.6}]}
+    never = nft_vs_grpo.compare(nft, peer, "overall", "test")
+    assert not never["reached"] and "NFT never reached Flow-GRPO's best 0.600" in never["text"]
