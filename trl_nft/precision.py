@@ -83,7 +83,6 @@ def choose_cpu_precision(fn: Callable[[], Any], repeats: int = 2) -> PrecisionCh
     if speedup >= MIN_SPEEDUP:
         reason = f"bf16 autocast: {speedup:.2f}x faster than float32 here ({bf16:.3f} s vs {fp32:.3f} s; {cpu})"
     else:
-        reason = (
-            f"float32: bf16 autocast is {1 / speedup:.2f}x the float32 time here ({bf16:.3f} s vs {fp32:.3f} s; {cpu})"
-        )
+        how = f"{1 / speedup:.2f}x slower" if speedup < 1 else f"only {speedup:.2f}x faster"
+        reason = f"float32: bf16 autocast is {how} than float32 here ({bf16:.3f} s vs {fp32:.3f} s; {cpu})"
     return PrecisionChoice(speedup >= MIN_SPEEDUP, reason, fp32, bf16)
