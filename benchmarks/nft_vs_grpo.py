@@ -80,11 +80,30 @@ def resolve_precision(precision: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def read_run(path: str) -> dict | None:
+def steps_per_iteration(method: str, path: str) -> int:
+    """Optimizer steps per rollout batch: flow_grpo.py's `optimizer_steps_per_iteration` (its config.json), the demo's
+    `steps_per_generation` (its shipped recipe)."""
+    config = os.path.join(path, "config.json")
+    if method != "nft" and os.path.isfile(config):
+        with open(config) as f:
+            return int(json.load(f).get("optimizer_steps_per_iteration", 2))
+    if method != "nft":
+        return 2
+    import yaml
+
+    from trl_nft.shapes.demo import DEMO_CONFIG
+
+    with open(DEMO_CONFIG) as f:
+        return int(yaml.safe_load(f).get("steps_per_generation", 1))
+
+
+def read_run(path: str, per_iteration: int = 1) -> dict | None:
     """Held-out and training records of one run directory, with the iteration (rollout batch) count attached to each.
 
     The demo logs `reward` on the optimizer step that consumed a new rollout batch, as does flow_grpo.py, so the
-    number of `reward` records up to a step is the number of iterations done by then (for both methods).
+    number of `reward` records up to a step is the number of iterations done by then (for both methods). Seconds per
+    iteration: training time (evaluations excluded) over optimizer steps / `per_iteration`, so that a run stopped
+    inside an iteration counts the fraction it did.
     """
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics):
@@ -104,12 +123,13 @@ def read_run(path: str) -> dict | None:
     last_minutes = max([r["minutes"] for r in records if r["type"] == "train"] or [held[-1]["minutes"]])
     iterations = len(rollouts)
     train_seconds = max(last_minutes * 60 - eval_seconds, 0.0)
+    steps = max([r["step"] for r in records if r["type"] == "train"] or [0])
     return {
         "held": held,
         "rollouts": rollouts,
         "iterations": iterations,
-        "optimizer_steps": max([r["step"] for r in records if r["type"] == "train"] or [0]),
-        "seconds_per_iteration": train_seconds / iterations if iterations else math.nan,
+        "optimizer_steps": steps,
+        "seconds_per_iteration": train_seconds / (steps / per_iteration) if steps else math.nan,
         "minutes": held[-1]["minutes"],
     }
 
@@ -152,7 +172,7 @@ def compare(nft: dict, peer: dict, peer_key: str, name: str) -> dict:
 
 
 def summarise(root: str) -> str:
-    runs = {m: read_run(os.path.join(root, m)) for m in METHODS}
+    runs = {m: read_run(os.path.join(root, m), steps_per_iteration(m, os.path.join(root, m))) for m in METHODS}
     runs = {m: r for m, r in runs.items() if r is not None}
     if not runs:
         return f"No finished runs (metrics.jsonl with held-out records) under {root}/{{{','.join(METHODS)}}}."

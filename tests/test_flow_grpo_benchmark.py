@@ -171,8 +171,10 @@ def test_comparison_reports_the_time_ratio_or_that_nft_never_got_there(tmp_path)
     text = nft_vs_grpo.summarise(str(tmp_path))
     assert "time ratio NFT / Flow-GRPO = 0.33, NFT speed-up 3.0x" in text  # 0.45 at 2 min against 6 min
     assert os.path.isfile(tmp_path / "nft_vs_grpo.png")
-    nft = nft_vs_grpo.read_run(str(tmp_path / "nft"))
+    nft = nft_vs_grpo.read_run(str(tmp_path / "nft"), per_iteration=4)
     assert nft["iterations"] == 4 and [r["iteration"] for r in nft["held"]] == [0, 2, 4]
+    # 13 steps (last reward record at step 13) = 3.25 iterations in 1.3 min, no evaluation time before the last one
+    assert nft["seconds_per_iteration"] == pytest.approx(1.3 * 60 / (13 / 4))
     peer = {"held": [{"minutes": 0, "iteration": 0, "overall": 0.3}, {"minutes": 6, "iteration": 4, "overall": 0.6}]}
     never = nft_vs_grpo.compare(nft, peer, "overall", "test")
     assert not never["reached"] and "NFT never reached Flow-GRPO's best 0.600" in never["text"]
