@@ -756,12 +756,13 @@ class _Run:
             # Official DistributedKRepeatSampler: m distinct rows drawn at random, each repeated K times.
             rows = torch.randperm(len(dataset), generator=order)[: cfg.num_prompts_per_iteration].tolist()
             prompts = [dataset[i]["prompt"] for i in rows for _ in range(cfg.num_generations)]
-            for record in tr.train_iteration(prompts):
+            records = tr.train_iteration(prompts)
+            for record in records:
                 self.write({"type": "train", "minutes": self.elapsed() / 60, **record})
-            last = record
             print(
                 f"[flow-grpo] iteration {tr.iteration} (step {tr.global_step}) @ {self.elapsed() / 60:.1f} min: "
-                f"reward {last.get('reward', float('nan')):.3f}",
+                f"reward {records[0]['reward']:.3f}, rollout {records[0]['time/rollout_s']:.0f} s, "
+                f"training {records[0]['time/train_s']:.0f} s",
                 flush=True,
             )
             if self.elapsed() < max_seconds and self.elapsed() - self.last_eval >= cfg.eval_every_minutes * 60:
