@@ -101,7 +101,7 @@ def test_cache_gives_the_uncached_gradients_and_skips_the_text_encoders(family, 
         trainer.training_step(trainer.model, rows)
         calls = []
         hooks = [
-            module.register_forward_hook(lambda *a: calls.append(1))
+            module.register_forward_hook(lambda *a, calls=calls: calls.append(1))
             for name, module in pipe.components.items()
             if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
         ]
