@@ -11,8 +11,8 @@ gradients:
 * **baseline**: the LoRA training step of a diffusers LoRA script: the same denoiser with one LoRA adapter of the same
   config (the trainer's defaults: r 32, alpha 64, the family's targets), text embeddings precomputed, the standard
   flow-matching loss ||v_theta(x_t, t) - (noise - x0)||^2 at one time per sample, on
-  `batch x num_train_timesteps` samples: the number of denoiser rows of one NFT forward, which trains every sample at
-  `num_train_timesteps` times;
+  `batch x timesteps_per_forward` samples: the number of denoiser rows of one NFT forward (the NFT step trains every
+  sample at `num_train_timesteps` times, `timesteps_per_forward` of them per forward);
 * **nft**: `DiffusionNFTTrainer.training_step` on a buffered rollout batch (old-policy and reference forwards under
   `no_grad`, the trained forward and backward), with each memory option on or off.
 
@@ -146,8 +146,9 @@ def run_one(model: str, name: str, gradient_checkpointing: bool, args) -> dict:
         adapter = trainer.adapter
         prompts = [r["prompt"] for r in rows]
         x0, _ = trainer._sample_latents(prompts, num_inference_steps=config.num_inference_steps, guidance_scale=1.0)
-        cond = adapter.tile(trainer._capture_conditioning(prompts), num_t)  # precomputed text embeddings
-        x0 = x0.repeat(num_t, *([1] * (x0.dim() - 1)))
+        rows_per_sample = min(config.timesteps_per_forward, num_t)
+        cond = adapter.tile(trainer._capture_conditioning(prompts), rows_per_sample)  # precomputed text embeddings
+        x0 = x0.repeat(rows_per_sample, *([1] * (x0.dim() - 1)))
 
         def step():
             t = torch.rand(x0.shape[0])
@@ -181,7 +182,9 @@ def _machine() -> str:
 
 
 def table(results: list[dict]) -> str:
-    base = {(r["model"], r["gradient_checkpointing"]): r["step_mib"] for r in results if r["config"].startswith("base")}
+    base = {
+        (r["model"], r["gradient_checkpointing"]): r["step_mib"] for r in results if r["config"].startswith("base")
+    }
     lines = [
         "| model | gradient checkpointing | configuration | step peak (MiB) | ratio to baseline | rollout peak (MiB) |",
         "|---|---|---|---:|---:|---:|",
@@ -253,9 +256,13 @@ def main(argv=None) -> None:
                     sys.exit(f"{model} / {name} failed:\n{out.stderr[-3000:]}")
                 results.append(json.loads(line[len("RESULT ") :]))
                 r = results[-1]
-                print(f"{model:12s} gc={'on ' if gc_on else 'off'} {name:36s} step {r['step_mib']:8.1f} MiB", flush=True)
+                print(
+                    f"{model:12s} gc={'on ' if gc_on else 'off'} {name:36s} step {r['step_mib']:8.1f} MiB", flush=True
+                )
     report = f"Machine: {_machine()}. batch {args.batch}, num_generations {args.num_generations}, "
-    report += f"{args.num_train_timesteps} time(s) per sample, {time.perf_counter() - start:.0f} s.\n\n{table(results)}"
+    report += (
+        f"{args.num_train_timesteps} time(s) per sample, {time.perf_counter() - start:.0f} s.\n\n{table(results)}"
+    )
     print("\n" + report)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
