@@ -38,7 +38,7 @@ from transformers.utils import logging
 from . import _checkpoint, core
 from .config import DiffusionNFTConfig, import_from_string
 from .families import get_adapter, load_pipeline, null_components
-from .families.adapter import eval_mode
+from .families.adapter import IncompatibleRows, eval_mode
 from .model_card import write_model_card
 from .rewards import resolve_reward
 from .rewards.calling import RewardCaller, check_reward_columns, unique_reward_names
@@ -209,6 +209,7 @@ class DiffusionNFTTrainer(Trainer):
         self.pipeline = pipeline
         self.adapter = get_adapter(pipeline, resolution=args.resolution, pipeline_kwargs=args.pipeline_kwargs)
         pipeline.set_progress_bar_config(disable=True)
+        self._setup_vae_decoding(pipeline, args)
 
         # ---------------------------------------------------------------- rewards
         if not isinstance(reward_funcs, list | tuple):
@@ -327,6 +328,8 @@ class DiffusionNFTTrainer(Trainer):
         self._rollout_grid: torch.Tensor | None = None
         self._last_eval_images: tuple[torch.Tensor, list[str]] | None = None
         self._pending_rollout_images: tuple[torch.Tensor, list[str]] | None = None
+        #: `cache_prompt_embeddings`: prompt -> its row of the captured conditioning, for the current rollout batch.
+        self._prompt_cache: dict[str, dict[str, Any]] = {}
 
     # ================================================================================================ setup helpers
     @staticmethod
@@ -451,6 +454,55 @@ class DiffusionNFTTrainer(Trainer):
         # Trainer.train() calls this on the model; a plain attribute keeps the diffusers class untouched.
         denoiser.activation_checkpointing_enable = activation_checkpointing_enable
 
+    @staticmethod
+    def _setup_vae_decoding(pipeline, args: DiffusionNFTConfig):
+        """`vae_slicing` / `vae_tiling`: diffusers' own sliced / tiled decoding of the pipeline's VAE."""
+        vae = getattr(pipeline, "vae", None)
+        for name, flag, method in (("vae_slicing", "use_slicing", "enable_slicing"), ("vae_tiling", "use_tiling", "enable_tiling")):  # fmt: skip
+            if not getattr(args, name):
+                continue
+            # diffusers' AutoencoderMixin.enable_* checks the same attribute (and raises NotImplementedError).
+            if vae is None or not hasattr(vae, flag) or not callable(getattr(vae, method, None)):
+                raise ValueError(
+                    f"{name}=True, but this {type(pipeline).__name__}'s VAE "
+                    f"({type(vae).__name__ if vae is not None else 'none'}) does not support {method}(). Set "
+                    f"{name}=False{'' if name == 'vae_tiling' else ', or lower per_device_train_batch_size (rollouts decode that many images at once)'}."
+                )
+            getattr(vae, method)()
+
+    # ================================================================================================ offload
+    def _offloadable(self, text_encoders: bool = True, vae: bool = True) -> list[torch.nn.Module]:
+        """The components `offload_text_encoders` / `offload_vae` keep in CPU memory while the denoiser trains."""
+        modules = []
+        for name, component in self.pipeline.components.items():
+            if not isinstance(component, torch.nn.Module) or name == self.adapter.denoiser_name:
+                continue
+            if (text_encoders and self.args.offload_text_encoders and name.startswith("text_encoder")) or (
+                vae and self.args.offload_vae and name == "vae"
+            ):
+                modules.append(component)
+        return modules
+
+    def _place_offloadable(self, device, text_encoders: bool = True, vae: bool = True) -> None:
+        # A plain `.to()` once per rollout batch each way. Not diffusers' `enable_model_cpu_offload` (it moves the
+        # denoiser too and hooks every forward) nor group offloading (it moves the weights at every call: once per
+        # rollout chunk instead of once per rollout batch).
+        for module in self._offloadable(text_encoders, vae):
+            module.to(device)
+
+    @contextlib.contextmanager
+    def _onloaded(self, text_encoders: bool = True, vae: bool = True):
+        """Offloaded components on the accelerator for a pipeline call, then back where they were."""
+        modules = self._offloadable(text_encoders, vae)
+        before = [next(m.parameters()).device for m in modules]
+        for module in modules:
+            module.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for module, device in zip(modules, before, strict=True):
+                module.to(device)
+
     # ================================================================================================ policies
     @contextlib.contextmanager
     def _policy(self, which: str):
@@ -498,7 +550,7 @@ class DiffusionNFTTrainer(Trainer):
         """The weights that evaluations and saved adapters use: the trained policy, or its EMA when `eval_ema_decay`
         is set, in eval mode (so `log()` inside it logs an evaluation). Yields the pipeline; callers that sample
         outside `evaluate` (the shapes demo) use this too."""
-        with self._policy("default") as denoiser, self._ema_weights(), eval_mode(denoiser):
+        with self._policy("default") as denoiser, self._ema_weights(), eval_mode(denoiser), self._onloaded():
             yield self.pipeline
 
     def _after_optimizer_step(self):
@@ -577,7 +629,31 @@ class DiffusionNFTTrainer(Trainer):
         return x0.float(), images
 
     def _conditioning(self, prompts: list[str]) -> dict[str, Any]:
-        """The denoiser's conditioning for `prompts`, captured from the pipeline (see `trl_nft.families`)."""
+        """The denoiser's conditioning for `prompts`: from the per-prompt cache (`cache_prompt_embeddings`), else
+        captured from the pipeline (see `trl_nft.families`)."""
+        if not self.args.cache_prompt_embeddings:
+            return self._capture_conditioning(prompts)
+        self._cache_prompts(prompts)
+        try:
+            return self.adapter.join_conditioning_rows([self._prompt_cache[p] for p in prompts])
+        except IncompatibleRows:
+            # E.g. prompts that a pipeline padding to the longest prompt of its batch encoded at different lengths:
+            # capture this micro-batch as it would be without the cache.
+            with self._onloaded(vae=False):
+                return self._capture_conditioning(prompts)
+
+    def _cache_prompts(self, prompts: list[str]) -> None:
+        """Capture and cache the conditioning of each prompt not cached yet (once per unique prompt)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if not missing:
+            return
+        with self._onloaded(vae=False):
+            for prompt in missing:
+                # Alone, as the pipeline pads it alone; twice, so that `tile()`'s per-sample rule sees a batch of 2.
+                cond = self._capture_conditioning([prompt, prompt])
+                self._prompt_cache[prompt] = self.adapter.conditioning_row(cond)
+
+    def _capture_conditioning(self, prompts: list[str]) -> dict[str, Any]:
         with self.accelerator.autocast():
             return self.adapter.conditioning(
                 prompts,
@@ -593,6 +669,8 @@ class DiffusionNFTTrainer(Trainer):
         columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
         chunk = self.args.per_device_train_batch_size
         latents, images = [], []
+        self._place_offloadable(self.accelerator.device)
+        self._prompt_cache.clear()
         with torch.no_grad(), self._policy("old"):
             for i in range(0, len(prompts), chunk):
                 x0, chunk_images = self._sample_latents(
@@ -605,6 +683,9 @@ class DiffusionNFTTrainer(Trainer):
         self._rollout_grid = self.adapter.training_grid()
         x0 = torch.cat(latents)
         images = torch.cat(images)
+        if self.args.cache_prompt_embeddings:
+            self._cache_prompts(prompts)
+        self._place_offloadable("cpu")
         with self._fail_together("a reward function"):
             rewards_per_func = self._calculate_rewards(prompts, images, columns, mode="train")
 
@@ -1134,8 +1215,11 @@ class DiffusionNFTTrainer(Trainer):
             logger.info(f"Resuming from {resume_from_checkpoint}.")
         self._stop_signal = None
         self._signal_guard = _checkpoint.SignalGuard() if self.args.save_on_signal else None
-        with self._signal_guard or contextlib.nullcontext():
-            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        try:
+            with self._signal_guard or contextlib.nullcontext():
+                output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            self._place_offloadable(self.accelerator.device)  # the pipeline is whole again after training
         if self._stop_signal is not None:
             import signal
 
