@@ -155,6 +155,20 @@ def parse_reward_output(result, name: str, n: int) -> tuple[list[float | None], 
     return scores, extras
 
 
+def _name_reward(err: BaseException, name: str) -> None:
+    # A note, not a new message: the reward's own exception (type and text) reaches the caller unchanged, and the
+    # traceback names the function that raised it, whichever thread it ran on.
+    err.add_note(f"Raised by the reward function {name!r}.")
+
+
+async def _awaited_naming(awaitable, name: str):
+    try:
+        return await awaitable
+    except Exception as err:
+        _name_reward(err, name)
+        raise
+
+
 class RewardCaller:
     """Calls every reward function on a batch and checks what comes back (see the module docstring).
 
@@ -222,10 +236,20 @@ class RewardCaller:
         """Score a batch: `prompts` (N), `images` `[N, 3, H, W]` in [0, 1], `kwargs` the dataset columns (lists of N)
         plus `trainer_state` and `log_metric`."""
         n = len(prompts)
-        results = [f(prompts=prompts, images=images, **kwargs) for f in self.funcs]
+        results = []
+        for f, name in zip(self.funcs, self.names, strict=True):
+            try:
+                results.append(f(prompts=prompts, images=images, **kwargs))
+            except Exception as err:
+                for res in results:
+                    if inspect.iscoroutine(res):
+                        res.close()  # never awaited now: close it instead of leaving a "never awaited" warning
+                _name_reward(err, name)
+                raise
         pending = [i for i, res in enumerate(results) if inspect.isawaitable(res)]
         if pending:
-            for i, res in zip(pending, self._run_coroutines([results[i] for i in pending]), strict=True):
+            awaitables = [_awaited_naming(results[i], self.names[i]) for i in pending]
+            for i, res in zip(pending, self._run_coroutines(awaitables), strict=True):
                 results[i] = res
         scores = torch.full((n, len(self.funcs)), math.nan)
         extras: dict[str, list[float]] = {}
