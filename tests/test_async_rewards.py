@@ -24,7 +24,11 @@ def _config(tmp_path, **overrides):
 
 
 def _without_timing(logs: dict) -> dict:
-    return {k: v for k, v in logs.items() if k.split("eval_")[-1] not in TIMING and not k.endswith(("_runtime", "per_second"))}
+    return {
+        k: v
+        for k, v in logs.items()
+        if k.split("eval_")[-1] not in TIMING and not k.endswith(("_runtime", "per_second"))
+    }
 
 
 def _run(pipe, tmp_path, asynchronous: bool):
@@ -226,13 +230,17 @@ def test_schedule_replays_metrics_in_order_and_stops_after_the_first_failure():
         for asynchronous in (False, True):
             seen.clear()
             logged = []
+
+            def log(name, value, logged=logged):
+                logged.append((name, value))
+
             with caller.schedule(asynchronous) as scoring:
                 for start in range(0, 2):
-                    scoring.submit([str(start)] * 2, images, log_metric=lambda n, v: logged.append((n, v)))
+                    scoring.submit([str(start)] * 2, images, log_metric=log)
                 outputs = scoring.results()
                 assert scoring.reward_time > 0 and scoring.wait_time >= 0
                 for start in range(0, 5):
-                    scoring.submit([str(start)] * 2, images, log_metric=lambda n, v: logged.append((n, v)))
+                    scoring.submit([str(start)] * 2, images, log_metric=log)
                 with pytest.raises(KeyError, match="chunk 2") as info:
                     scoring.results()
                 assert scoring.failed is False  # emptied by results()

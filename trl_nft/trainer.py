@@ -146,8 +146,10 @@ class DiffusionNFTTrainer(Trainer):
         reward_funcs (callable, `str`, or a list of them):
             Each is called as `f(prompts=list[str], images=Tensor[B, 3, H, W] in [0, 1], **other_columns,
             trainer_state=..., log_metric=...)` and returns one float (or `None`) per image, or a mapping
-            `{"scores": [...], "<key>": [...]}` with extra per-image values to log. `async def` rewards run on a
-            background event loop. Return values are checked by `trl_nft.rewards.calling` (see docs/rewards.md).
+            `{"scores": [...], "<key>": [...]}` with extra per-image values to log. Called once per sampling chunk
+            (`per_device_train_batch_size` images), under `torch.no_grad()`, on a worker thread while the next chunk is
+            sampled (`async_reward_computation`). `async def` rewards run on a background event loop. Return values
+            are checked by `trl_nft.rewards.calling` (see docs/rewards.md).
             Strings name a built-in reward (see `trl_nft.rewards.BUILTIN_REWARDS`) or a dotted path `module:function`.
         args ([`DiffusionNFTConfig`], *optional*):
             Configuration. Defaults to `DiffusionNFTConfig(f"{model_name}-NFT")`.
