@@ -29,20 +29,46 @@ _OLD_POLICY_0_9 = ["--old_policy_decay_rate", "0.003", "--old_policy_decay_max",
 # The demo recipe before runs ap-aw: the paper's beta=1 and old-policy schedule min(0.001 step, 0.5), optimizer batches
 # of 32. Every recipe measured against it (benchmarks/shapes_recipes_report.md, runs a-ao) starts from these flags, so that its
 # numbers do not move when the shipped config does; a recipe's own flags come after and override them.
-_BETA1_DEMO = ["--nft_beta", "1.0", "--old_policy_decay_rate", "0.001", "--old_policy_decay_max", "0.5",
-               "--per_device_train_batch_size", "32"]
+_BETA1_DEMO = [
+    "--nft_beta",
+    "1.0",
+    "--old_policy_decay_rate",
+    "0.001",
+    "--old_policy_decay_max",
+    "0.5",
+    "--per_device_train_batch_size",
+    "32",
+]
 
 _OVER_BETA1_DEMO: dict[str, list[str]] = {
     # the demo recipe of runs a-ao: LoRA r64 on every linear layer, lr 2e-4, bf16 autocast, beta=1
     "demo_beta1": [],
     # the first demo recipe: the official attention-only targets at r16, lr 3e-4, float32
-    "lora16_attention": ["--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", *_ATTENTION,
-                         "--learning_rate", "3e-4", "--bf16", "false"],
+    "lora16_attention": [
+        "--lora_r",
+        "16",
+        "--lora_alpha",
+        "32",
+        "--lora_target_modules",
+        *_ATTENTION,
+        "--learning_rate",
+        "3e-4",
+        "--bf16",
+        "false",
+    ],
     "full_ft_1e-4": ["--use_lora", "false", "--learning_rate", "1e-4"],
     "full_ft_3e-5": ["--use_lora", "false", "--learning_rate", "3e-5"],
     # the official recipe, scaled down: one optimizer step per rollout batch, all times, KL on
-    "official_1step": ["--steps_per_generation", "1", "--per_device_train_batch_size", "128",
-                       "--timestep_fraction", "0.99", "--kl_weight", "1e-4"],
+    "official_1step": [
+        "--steps_per_generation",
+        "1",
+        "--per_device_train_batch_size",
+        "128",
+        "--timestep_fraction",
+        "0.99",
+        "--kl_weight",
+        "1e-4",
+    ],
     "num_iterations2": ["--num_iterations", "2"],
     "plus_strict_reward": ["--reward_funcs", "shapes", "shapes_strict", "--reward_weights", "1.0", "1.0"],
     "lr_linear_decay": ["--lr_scheduler_type", "linear", "--max_steps", "800"],
@@ -54,8 +80,16 @@ _OVER_BETA1_DEMO: dict[str, list[str]] = {
     "beta0.1_lr_decay": ["--nft_beta", "0.1", "--lr_scheduler_type", "linear", "--max_steps", "420"],
     # the official OCR old-policy schedule (eta = 0 for 75 steps, then 0.0075 per step up to 0.999): the old policy
     # freezes by step ~210 and the run stalls at 0.56-0.59
-    "beta0.1_ocr_decay": ["--nft_beta", "0.1", "--old_policy_decay_delay", "75", "--old_policy_decay_rate", "0.0075",
-                          "--old_policy_decay_max", "0.999"],
+    "beta0.1_ocr_decay": [
+        "--nft_beta",
+        "0.1",
+        "--old_policy_decay_delay",
+        "75",
+        "--old_policy_decay_rate",
+        "0.0075",
+        "--old_policy_decay_max",
+        "0.999",
+    ],
     # the trust region keeps beta=0.3 and beta=0.1 from diverging (benchmarks/shapes_recipes_report.md, runs ah-au)
     "beta0.3_old_policy_0.9": ["--nft_beta", "0.3", *_OLD_POLICY_0_9],
     "beta0.1_old_policy_0.9": ["--nft_beta", "0.1", *_OLD_POLICY_0_9],
@@ -98,7 +132,9 @@ def summarise(root: str, x: str = "minutes") -> str:
     """Markdown table of finished runs; `x="step"` compares runs made side by side (sharing the CPU) by step."""
     runs = read_runs(root)
     marks, unit = ((2, 5, 10, 15), "min") if x == "minutes" else ((100, 200, 300, 400, 500), "steps")
-    header = f"| recipe | base | {' | '.join(f'@{m} {unit}' for m in marks)} | best (min) | final (min, steps) | gain |"
+    header = (
+        f"| recipe | base | {' | '.join(f'@{m} {unit}' for m in marks)} | best (min) | final (min, steps) | gain |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, held in runs.items():
         base, last = held[0]["overall"], held[-1]
@@ -121,7 +157,9 @@ def seed_summary(runs: dict[str, list[dict]]) -> str:
     for name, held in runs.items():
         match = re.fullmatch(r"(.+)_seed(\d+)", name)
         if match:
-            finals.setdefault(match.group(1), []).append((held[-1]["overall"], held[-1]["overall"] - held[0]["overall"]))
+            finals.setdefault(match.group(1), []).append(
+                (held[-1]["overall"], held[-1]["overall"] - held[0]["overall"])
+            )
     if not finals:
         return ""
     lines = ["| recipe | seeds | final, mean (min–max) | gain, mean (min–max) |", "|---|---|---|---|"]
@@ -157,11 +195,20 @@ def main():
     parser.add_argument("--out", default="runs/recipes")
     parser.add_argument("--minutes", type=float, default=15)
     parser.add_argument("--only", nargs="*", default=None, help="recipe names to run")
-    parser.add_argument("--seeds", nargs="*", type=int, default=None,
-                        help="run each recipe once per seed, as <recipe>_seed<N> (default: one run, the config's seed)")
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=None,
+        help="run each recipe once per seed, as <recipe>_seed<N> (default: one run, the config's seed)",
+    )
     parser.add_argument("--summarise", metavar="DIR", help="only print the table of finished runs in DIR")
-    parser.add_argument("--x", choices=("minutes", "step"), default="minutes",
-                        help="compare at wall-clock minutes, or at optimizer steps (runs that shared the machine)")
+    parser.add_argument(
+        "--x",
+        choices=("minutes", "step"),
+        default="minutes",
+        help="compare at wall-clock minutes, or at optimizer steps (runs that shared the machine)",
+    )
     args = parser.parse_args()
     if args.summarise:
         print(summarise(args.summarise, args.x))
@@ -170,12 +217,26 @@ def main():
     unknown = [name for name in names if name not in RECIPES]
     if unknown:
         sys.exit(f"unknown recipe(s) {unknown}; known: {sorted(RECIPES)}")
-    runs = [(name, name, []) for name in names] if args.seeds is None else [
-        (name, f"{name}_seed{seed}", ["--seed", str(seed)]) for name in names for seed in args.seeds
-    ]
+    runs = (
+        [(name, name, []) for name in names]
+        if args.seeds is None
+        else [(name, f"{name}_seed{seed}", ["--seed", str(seed)]) for name in names for seed in args.seeds]
+    )
     for name, run_name, seed_flags in runs:
-        cmd = [sys.executable, "-m", "trl_nft.cli", "demo", "--output_dir", os.path.join(args.out, run_name),
-               "--max_minutes", str(args.minutes), "--disable_tqdm", "true", *RECIPES[name], *seed_flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "trl_nft.cli",
+            "demo",
+            "--output_dir",
+            os.path.join(args.out, run_name),
+            "--max_minutes",
+            str(args.minutes),
+            "--disable_tqdm",
+            "true",
+            *RECIPES[name],
+            *seed_flags,
+        ]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     print(summarise(args.out))

@@ -1,4 +1,5 @@
-"""The demo's wall-clock progress bar and its pace warning (no training: the clock is driven directly)."""
+"""The demo's wall-clock progress bar, its pace warning (no training: the clock is driven directly) and its precision
+choice."""
 
 import time
 from types import SimpleNamespace
@@ -52,3 +53,21 @@ def test_pace_warning_when_steps_are_far_slower_than_the_reference(tmp_path):
     with CaptureLogger(logger) as captured:
         fast.check_pace(demo.PACE_STEPS)
     assert captured.out == ""
+
+
+def test_demo_precision_auto_measures_and_says_what_it_chose(tmp_path):
+    """The demo's recipe fixes no precision: `--precision auto` times a 2-step rollout of the base both ways and trains
+    in the faster; `--precision` and an explicit `--bf16` override it, and the choice is reported."""
+    from trl_nft.shapes.demo import parse_demo_arguments
+
+    out = ["--output_dir", str(tmp_path)]
+    demo_args, args = parse_demo_arguments([*out, "--precision", "fp32"])
+    assert not args.bf16 and demo_args.precision_reason == "fp32 (--precision fp32)"
+    demo_args, args = parse_demo_arguments([*out, "--precision", "bf16"])
+    assert args.bf16 and args.use_cpu
+    demo_args, args = parse_demo_arguments([*out, "--precision", "bf16", "--bf16", "false"])
+    assert not args.bf16 and "command line" in demo_args.precision_reason
+    demo_args, args = parse_demo_arguments(out)
+    reason = demo_args.precision_reason
+    assert reason.startswith("bf16 autocast" if args.bf16 else "float32"), reason
+    assert " s vs " in reason and "CPU flags" in reason

@@ -73,6 +73,32 @@ def test_training_changes_only_the_lora_adapters(tiny_pipe, tmp_path):
         assert not torch.equal(after[k], after[k.replace(".default.", ".old.")])
 
 
+def test_timesteps_per_forward_changes_cost_not_what_is_computed(tmp_path):
+    """One forward per training time (official), uneven chunks (2 + 1) and all times stacked in one forward give the
+    same adapter after two SGD steps (up to float summation order; Adam would magnify rounding in near-zero
+    gradients) and the same logged loss."""
+    from trl_nft.shapes import VOCABULARY
+    from trl_nft.shapes.tiny import build_tiny_sd3_pipeline
+
+    results = {}
+    for per_forward in (1, 2, 3):  # tiny_config trains int(4 * 0.99) = 3 times per sample
+        pipe = build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0)
+        trainer = _trainer(
+            pipe, tmp_path / str(per_forward), timesteps_per_forward=per_forward, learning_rate=1.0, optim="sgd"
+        )
+        trainer.train()
+        weights = {k: v for k, v in _snapshot(pipe).items() if ".default." in k}
+        results[per_forward] = (weights, [log["policy_loss"] for log in trainer.state.log_history[:2]])
+    weights_1, losses_1 = results[1]
+    for per_forward in (2, 3):
+        weights, losses = results[per_forward]
+        assert losses == pytest.approx(losses_1, rel=1e-4)
+        for k, v in weights.items():
+            torch.testing.assert_close(v, weights_1[k], rtol=1e-4, atol=1e-6, msg=f"{per_forward}: {k}")
+    # ...and they trained: LoRA B matrices start at zero.
+    assert any(v.abs().max() > 0 for k, v in weights_1.items() if "lora_B" in k)
+
+
 @pytest.mark.parametrize("scheduler_name", ["euler", "heun", "dpmpp_flow"])
 def test_any_scheduler_is_a_black_box_solver(tiny_pipe, tmp_path, scheduler_name):
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
@@ -533,3 +559,16 @@ def test_reward_hacking_monitors_heldout_rewards_diversity_and_reference_drift(t
     assert trainer.state.log_history[0]["diversity/within_group"] > 0
     after = trainer.evaluate()
     assert after["eval_drift/pixel_rmse"] > 0
+
+
+def test_cpu_precision_is_chosen_by_measurement(tmp_path):
+    """`choose_cpu_precision` times a real workload both ways and picks the faster (bf16 only when >= 1.1x faster)."""
+    from trl_nft.precision import MIN_SPEEDUP, choose_cpu_precision, cpu_bf16_flags
+
+    layer = torch.nn.Linear(256, 256)
+    x = torch.randn(512, 256)
+    choice = choose_cpu_precision(lambda: layer(x), repeats=2)
+    assert choice.float32_seconds > 0 and choice.bf16_seconds > 0
+    assert choice.bf16 == (choice.float32_seconds / choice.bf16_seconds >= MIN_SPEEDUP)
+    assert choice.reason.startswith("bf16 autocast" if choice.bf16 else "float32")
+    assert cpu_bf16_flags() is None or set(cpu_bf16_flags()) <= {"avx512_bf16", "amx_bf16"}

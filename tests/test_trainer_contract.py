@@ -202,6 +202,61 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_the_one_resume_uses
     assert resumed.state.global_step == 2
 
 
+_KILL_TARGET = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import PROMPTS, tiny_config
+from trl_nft import DiffusionNFTTrainer
+from trl_nft.shapes import VOCABULARY
+from trl_nft.shapes.tiny import build_tiny_sd3_pipeline
+from pathlib import Path
+
+args = tiny_config(Path({tmp!r}), max_steps=1000, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+trainer = DiffusionNFTTrainer(build_tiny_sd3_pipeline(VOCABULARY, "test", seed=0), "brightness", args=args,
+                              train_dataset=[{{"prompt": p}} for p in PROMPTS])
+trainer.train()
+"""
+
+
+def test_kill_9_while_saving_leaves_a_checkpoint_that_resume_uses(tmp_path):
+    """A real SIGKILL of a training process while it writes a checkpoint: the half-written one stays in its staging
+    directory, and `resume_from_checkpoint=True` resumes from the newest complete checkpoint."""
+    import subprocess
+    import sys
+    import time
+
+    from trl_nft._checkpoint import STAGING_PREFIX, incomplete_reason
+
+    out = tmp_path / "out"
+    script = _KILL_TARGET.format(tests=os.path.dirname(__file__), tmp=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        # Kill as soon as a save of step >= 2 is in flight (its staging directory exists): checkpoint-1 is complete.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_dir() and any(
+                p.name.startswith(STAGING_PREFIX) and not p.name.endswith("-1") for p in out.iterdir()
+            ):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    complete = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if incomplete_reason(str(p)) is None)
+    assert complete, "no complete checkpoint before the kill"
+    newest = max(complete)
+    resumed = _trainer(
+        _fresh_pipe(), tmp_path, max_steps=newest + 1, save_strategy="steps", save_steps=1, learning_rate=1e-2
+    )
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == newest + 1
+    assert incomplete_reason(str(out / f"checkpoint-{newest + 1}")) is None
+
+
 def test_corrupt_checkpoint_files_are_named_with_the_fix(tmp_path):
     from trl_nft._checkpoint import CheckpointError
 

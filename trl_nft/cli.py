@@ -13,7 +13,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import yaml
 from trl import ScriptArguments
 
 
@@ -317,15 +316,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_reward(rest)
     if command == "demo":
-        from trl import TrlParser
+        from .shapes.demo import parse_demo_arguments, run_demo
 
-        from .config import DiffusionNFTConfig
-        from .shapes.demo import DemoArguments, demo_config_for, run_demo
-
-        parser = TrlParser((DemoArguments, DiffusionNFTConfig), prog="trl-nft demo")
-        with open(demo_config_for(rest)) as f:
-            parser.set_defaults_with_config(**yaml.safe_load(f))
-        demo_args, training_args = parser.parse_args_and_config(rest)
+        demo_args, training_args = parse_demo_arguments(rest)
         _import_from_working_directory()
         run_demo(demo_args, training_args)
         return 0

@@ -69,7 +69,8 @@ class DiffusionNFTConfig(TrainingArguments):
 
     Batch vocabulary: a *group* is the `num_generations` images of one prompt; a *rollout batch* is
     `generation_batch_size` images sampled at once; a *micro-batch* is `per_device_train_batch_size` images, each
-    trained at `int(num_inference_steps * timestep_fraction)` times in one forward/backward.
+    trained at `int(num_inference_steps * timestep_fraction)` times, `timesteps_per_forward` times per forward/backward
+    (one, as the official code loops over them).
     """
 
     # ---------------------------------------------------------------- defaults changed from TrainingArguments
@@ -228,6 +229,18 @@ class DiffusionNFTConfig(TrainingArguments):
         },
     )
 
+    timesteps_per_forward: int = field(
+        default=1,
+        metadata={
+            "help": "Training times stacked into one denoiser forward/backward: the micro-batch's (sample, t) terms "
+            "run as ceil(num_train_timesteps / timesteps_per_forward) forwards of per_device_train_batch_size x "
+            "timesteps_per_forward rows, with gradients accumulated. Same loss and gradient for every value (up to "
+            "float summation order); 1 loops over the times as the official code does and has the smallest peak "
+            "memory; larger values may be faster on a GPU with memory to spare (on a CPU, 4 x 64 was 1.3x faster "
+            "than 1 x 256: benchmarks/overhead.py)."
+        },
+    )
+
     # ---------------------------------------------------------------- the old (sampling) policy
     old_policy_decay: str = field(
         default="linear",
@@ -357,6 +370,14 @@ class DiffusionNFTConfig(TrainingArguments):
             logger.info(
                 "bf16=True on a machine with no accelerator: training on CPU with bf16 autocast (use_cpu=True)."
             )
+            from .precision import cpu_bf16_flags
+
+            if cpu_bf16_flags() == []:
+                logger.warning(
+                    "bf16=True on a CPU without native bf16 (no avx512_bf16/amx_bf16 flag): bf16 autocast is emulated "
+                    "there and runs several times slower than float32 (5x for the shapes demo's denoiser on an AVX2 "
+                    "EPYC). Set bf16=False, or time both with trl_nft.precision.choose_cpu_precision."
+                )
             self.use_cpu = True
         if not self.use_cpu and not _has_accelerator() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # `accelerate launch --multi_gpu --num_processes N` on a machine without accelerators: accelerate forms the
@@ -399,6 +420,11 @@ class DiffusionNFTConfig(TrainingArguments):
         need(
             0 < self.timestep_fraction <= 1,
             f"timestep_fraction must be in (0, 1] (got {self.timestep_fraction}); the official value is 0.99.",
+        )
+        need(
+            self.timesteps_per_forward >= 1,
+            f"timesteps_per_forward must be >= 1 (got {self.timesteps_per_forward}); 1 loops over the training times "
+            "as the official code does.",
         )
         need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1 (got {self.num_inference_steps}).")
         need(

@@ -51,6 +51,8 @@ logger = logging.get_logger(__name__)
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 #: Evaluation images saved next to the card as its gallery (at most this many).
 CARD_IMAGES = 8
 #: Tracker keys of the image grids `log_images` sends.
@@ -851,46 +853,71 @@ class DiffusionNFTTrainer(Trainer):
         grid = self._rollout_grid
         num_t = min(args.num_train_timesteps, grid.numel())
         batch = x0.shape[0]
-        # Every sample is trained at its own random subset of the rollout's solver times, each with fresh noise; the
-        # (sample, t) terms of a micro-batch go through one forward/backward.
-        t = core.sample_training_timesteps(grid, batch, num_t).reshape(-1).to(x0.device)
-        x0_rep = x0.repeat(num_t, *([1] * (x0.dim() - 1)))
-        r_rep = r.repeat(num_t)
-        cond_rep = self.adapter.tile(self._conditioning(list(inputs["prompts"])), num_t)
-        noise = torch.randn_like(x0_rep)
+        # Every sample is trained at its own random subset of the rollout's solver times, each with fresh noise (row j
+        # of `t` and of `noise` is the j-th training time of every sample).
+        t = core.sample_training_timesteps(grid, batch, num_t).to(x0.device)
+        # (The capture runs the pipeline up to its first denoiser call, which draws its initial latents: before the
+        # noise, so that the random stream is the same for every `timesteps_per_forward`.)
+        cond = self._conditioning(list(inputs["prompts"]))
+        noise = torch.randn((num_t * batch, *x0.shape[1:]), dtype=x0.dtype, device=x0.device).view(num_t, *x0.shape)
+        # The loss is a mean over independent (sample, t) terms, so `timesteps_per_forward` rows at a time with the
+        # gradients of each chunk weighted by its share give the same gradient as one stacked forward, at the peak
+        # memory of one chunk.
+        per_forward = min(args.timesteps_per_forward, num_t)
+        chunks = [(j, min(j + per_forward, num_t)) for j in range(0, num_t, per_forward)]
+        tiled = {}
+        total, stats = 0.0, torch.zeros(3)
+        for i, (lo, hi) in enumerate(chunks):
+            k = hi - lo
+            if k not in tiled:
+                tiled[k] = self.adapter.tile(cond, k)
+            share = k / num_t
+            # Gradients are all-reduced once per micro-batch, on its last chunk (the Trainer's own no_sync covers the
+            # earlier micro-batches of an accumulation).
+            sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.accelerator.no_sync(model)
+            with sync:
+                out = self._nft_chunk(model, x0, r, t[lo:hi].reshape(-1), noise[lo:hi].flatten(0, 1), tiled[k])
+                loss = out.loss * share / self.current_gradient_accumulation_steps
+                self.accelerator.backward(loss)
+            total += loss.detach()
+            stats += share * torch.stack([out.policy_loss, out.kl, out.old_deviate]).detach().float().cpu()
+        metrics = self._metrics["train"]
+        metrics["policy_loss"].append(stats[0].item())
+        metrics["kl"].append(stats[1].item())
+        metrics["old_policy/deviation"].append(stats[2].item())
+        self._step += 1
+        return total
+
+    def _nft_chunk(self, model, x0, r, t, noise, cond) -> core.NFTLossOutput:
+        """The NFT loss of `k` training times of every sample of the micro-batch: `t`/`noise` are `[k B]`/`[k B, ...]`
+        (time-major, matching `x0.repeat(k, ...)`), `cond` the conditioning tiled `k` times."""
+        args = self.args
+        k = t.shape[0] // x0.shape[0]
+        x0_rep = x0.repeat(k, *([1] * (x0.dim() - 1)))
         tb = t.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - tb) * x0_rep + tb * noise
-
         with torch.no_grad(), self.compute_loss_context_manager():
             with self._policy("old") as old:
-                v_old = self.adapter.velocity(x_t, t, cond_rep, model=old).float()
+                v_old = self.adapter.velocity(x_t, t, cond, model=old).float()
             v_ref = None
             if args.kl_weight > 0:
                 with self._policy("ref") as ref:
-                    v_ref = self.adapter.velocity(x_t, t, cond_rep, model=ref).float()
+                    v_ref = self.adapter.velocity(x_t, t, cond, model=ref).float()
         with self.compute_loss_context_manager():
-            v_theta = self.adapter.velocity(x_t, t, cond_rep, model=model).float()
-            out = core.nft_loss(
+            v_theta = self.adapter.velocity(x_t, t, cond, model=model).float()
+            return core.nft_loss(
                 v_theta,
                 v_old,
                 x0_rep,
                 noise,
                 t,
-                r_rep,
+                r.repeat(k),
                 beta=args.nft_beta,
                 loss_type=args.loss_type,
                 adv_clip_max=args.adv_clip_max,
                 v_ref=v_ref,
                 kl_weight=args.kl_weight,
             )
-        loss = out.loss / self.current_gradient_accumulation_steps
-        self.accelerator.backward(loss)
-        metrics = self._metrics["train"]
-        metrics["policy_loss"].append(out.policy_loss.item())
-        metrics["kl"].append(out.kl.item())
-        metrics["old_policy/deviation"].append(out.old_deviate.item())
-        self._step += 1
-        return loss.detach()
 
     # ================================================================================================ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -89,6 +89,63 @@ class DemoArguments:
         },
     )
     num_sample_images: int = field(default=24, metadata={"help": "Held-out items shown in samples.png."})
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': on a CPU, time a 2-step rollout of the base in float32 and under bf16 autocast and train "
+            "in the faster (bf16 autocast is fast only with AVX512-BF16/AMX; on an AVX2-only CPU it is several times "
+            "slower); on a GPU, bf16 where supported. 'bf16' or 'fp32' to fix it. An explicit --bf16/--fp16 wins.",
+            "choices": ["auto", "bf16", "fp32"],
+        },
+    )
+    # Filled by `parse_demo_arguments`: the precision trained in and why (logged, and written to heldout_table.json).
+    precision_reason: str = field(default="", init=False)
+
+
+def parse_demo_arguments(argv: list[str]):
+    """`(DemoArguments, DiffusionNFTConfig)` from the command line over the shipped recipe (`demo_config_for`), with
+    the precision resolved (`DemoArguments.precision`). The choice and its reason are logged and kept in
+    `demo_args.precision_reason`."""
+    import yaml
+    from trl import TrlParser
+
+    from ..config import DiffusionNFTConfig
+
+    def parse(args):
+        parser = TrlParser((DemoArguments, DiffusionNFTConfig), prog="trl-nft demo")
+        with open(demo_config_for(args)) as f:
+            parser.set_defaults_with_config(**yaml.safe_load(f))
+        return parser.parse_args_and_config(args)
+
+    demo_args, training_args = parse(argv)
+    explicit = any(a.split("=")[0] in ("--bf16", "--fp16") for a in argv)
+    if explicit:
+        chosen = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "float32"
+        reason = f"{chosen} (set on the command line)"
+    elif demo_args.precision != "auto":
+        reason = f"{demo_args.precision} (--precision {demo_args.precision})"
+        bf16 = demo_args.precision == "bf16"
+    elif torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        reason = f"{'bf16' if bf16 else 'float32'} (GPU {'with' if bf16 else 'without'} bf16 support)"
+    else:
+        from ..precision import choose_cpu_precision
+        from .evaluate import _call_kwargs
+        from .pretrain import load_base_pipeline
+        from .world import make_dataset
+
+        pipe = load_base_pipeline(demo_args.model_name_or_path)
+        prompts = list(make_dataset("train")["prompt"][:8])
+        kwargs = _call_kwargs(pipe, training_args.max_sequence_length)
+        choice = choose_cpu_precision(
+            lambda: pipe(prompts, num_inference_steps=2, guidance_scale=1.0, output_type="pt", **kwargs)
+        )
+        bf16, reason = choice.bf16, choice.reason
+    if not explicit and bf16 != training_args.bf16:
+        demo_args, training_args = parse([*argv, "--bf16", str(bf16).lower()])
+    demo_args.precision_reason = reason
+    logger.warning(f"trl-nft demo: training precision {reason}")
+    return demo_args, training_args
 
 
 def parse_tag_weights(spec: str) -> dict[str, int] | None:
@@ -416,6 +473,7 @@ def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "minutes": callback.elapsed() / 60,
         "heldout_items": len(items),
+        "precision": demo_args.precision_reason,
     }
     with open(os.path.join(out, "heldout_table.json"), "w") as f:
         json.dump(summary, f, indent=2)
