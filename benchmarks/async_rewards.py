@@ -1,7 +1,7 @@
 """Time per iteration with and without overlapping reward scoring with sampling (`async_reward_computation`).
 
     python benchmarks/async_rewards.py [--chunks 3] [--chunk-size 4] [--iterations 3] [--cost 1.0]
-                                       [--plot docs/images/async_rewards.png]
+                                       [--out runs/async_rewards]
 
 Trains the shipped tiny shapes model (`shapes-base`) with DiffusionNFT, one rollout batch of `--chunks` x
 `--chunk-size` images per iteration, under three rewards:
@@ -16,12 +16,15 @@ The extra cost per chunk is `--cost` times the time one chunk takes to sample, m
 chunk costs as much as sampling it). Each reward trains `1 + 2 x --iterations` iterations in one run; the first is a
 warm-up and the rest alternate inline scoring and overlapped scoring, so that both modes see the same machine load.
 Prints a table of medians: seconds per iteration (rollout and optimizer step) and per rollout, each with its ratio to
-inline scoring, and the seconds spent scoring and waiting for scores per iteration; writes a bar plot. Documented in docs/rewards.md ("Asynchronous scoring").
+inline scoring, and the seconds spent scoring and waiting for scores per iteration; writes a bar plot
+(`<out>/async_rewards.png`, shown in the docs as docs/images/async_rewards.png) and the figures
+(`<out>/async_rewards.json`). Documented in docs/rewards.md ("Asynchronous scoring").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -169,7 +172,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=3, help="sampling chunks (prompt groups) per rollout batch")
     parser.add_argument("--chunk-size", type=int, default=4, help="images per chunk (= num_generations)")
@@ -177,8 +180,9 @@ def main() -> None:
     parser.add_argument("--num-inference-steps", type=int, default=10)
     parser.add_argument("--cost", type=float, default=1.0, help="extra reward cost per chunk / chunk sampling time")
     parser.add_argument("--rewards", default="shapes,shapes+sleep,shapes+cpu")
-    parser.add_argument("--plot", default=os.path.join("docs", "images", "async_rewards.png"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=os.path.join("runs", "async_rewards"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
 
     from datasets import Dataset
 
@@ -227,8 +231,16 @@ def main() -> None:
         f"shapes-base, {args.chunks} chunks of {args.chunk_size} images per iteration; slow rewards +{extra:.1f} s/chunk"
         f"\n{machine}"
     )
-    plot(results, args.plot, title)
-    print(f"plot: {args.plot}")
+    plot(results, os.path.join(args.out, "async_rewards.png"), title)
+    with open(os.path.join(args.out, "async_rewards.json"), "w") as f:
+        summary = {"machine": machine, "chunk_sampling_seconds": sample_seconds, "extra_seconds": extra, **vars(args)}
+        json.dump({"setup": summary, "results": [_jsonable(r) for r in results]}, f, indent=2)
+    print(f"plot and figures: {args.out}/async_rewards.png, async_rewards.json")
+    return results
+
+
+def _jsonable(result: dict) -> dict:
+    return {str({False: "inline", True: "overlapped"}.get(k, k)): v for k, v in result.items()}
 
 
 if __name__ == "__main__":
