@@ -173,6 +173,16 @@ class DiffusionNFTConfig(TrainingArguments):
             "'missing' treats it as None (no score for that image) and logs a warning."
         },
     )
+    async_reward_computation: bool = field(
+        default=True,
+        metadata={
+            "help": "Score each sampling chunk (per_device_train_batch_size images; per_device_eval_batch_size in "
+            "evaluate()) on a worker thread while the next chunk is sampled, as the official code overlaps rewards "
+            "with sampling (a thread pool). Rewards are called once per chunk either way, in order, so True and "
+            "False give identical scores, metrics and errors. Set False for a reward that must run on the main thread "
+            "or draws from torch's global random generator (see docs/rewards.md, 'Asynchronous scoring')."
+        },
+    )
     scale_rewards: str = field(
         default="batch",
         metadata={
