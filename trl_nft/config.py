@@ -173,6 +173,16 @@ class DiffusionNFTConfig(TrainingArguments):
             "'missing' treats it as None (no score for that image) and logs a warning."
         },
     )
+    async_reward_computation: bool = field(
+        default=True,
+        metadata={
+            "help": "Score each sampling chunk (per_device_train_batch_size images; per_device_eval_batch_size in "
+            "evaluate()) on a worker thread while the next chunk is sampled, as the official code overlaps rewards "
+            "with sampling (a thread pool). Rewards are called once per chunk either way, in order, so True and "
+            "False give identical scores, metrics and errors. Set False for a reward that must run on the main thread "
+            "or draws from torch's global random generator (see docs/rewards.md, 'Asynchronous scoring')."
+        },
+    )
     scale_rewards: str = field(
         default="batch",
         metadata={
@@ -303,6 +313,49 @@ class DiffusionNFTConfig(TrainingArguments):
             "help": "Rollout images (the first prompts' groups, captioned with reward R, optimality probability r and "
             "prompt) sent to the trackers as `train/rollout_samples` at each logging step that follows a rollout "
             "(0: none)."
+        },
+    )
+
+    # ---------------------------------------------------------------- memory (docs/memory.md)
+    cache_prompt_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "Capture the denoiser's conditioning (text embeddings, pooled embeddings, masks, ...) once per "
+            "unique prompt of a rollout batch, right after the rollout, and reuse it in every training micro-batch "
+            "instead of running the text encoders again for each micro-batch. Exact: the text encoders are frozen. "
+            "Where the prompts of a micro-batch cannot share one batch as cached (a pipeline that pads prompts to the "
+            "longest of its batch, e.g. Qwen-Image), that micro-batch is captured through the pipeline as without "
+            "the cache."
+        },
+    )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the pipeline's text encoders (`text_encoder*` components) in CPU memory while the "
+            "denoiser trains, and move them to the accelerator for rollouts and evaluation. Needs "
+            "cache_prompt_embeddings=True (training then needs no text encoder). No effect on a CPU-only run."
+        },
+    )
+    offload_vae: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the pipeline's VAE in CPU memory while the denoiser trains, and move it to the accelerator "
+            "for rollouts and evaluation (which decode images for the rewards). No effect on a CPU-only run."
+        },
+    )
+    vae_slicing: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode rollout and evaluation latents one image at a time (diffusers' `vae.enable_slicing()`): "
+            "lower peak memory when the rewards' images are decoded, same images. The pipeline's VAE must support it."
+        },
+    )
+    vae_tiling: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode latents in overlapping tiles (diffusers' `vae.enable_tiling()`): bounded decoder memory at "
+            "large resolutions; the tiles are blended, so images differ slightly from a one-piece decode. The "
+            "pipeline's VAE must support it."
         },
     )
 
@@ -455,6 +508,14 @@ class DiffusionNFTConfig(TrainingArguments):
             need(callable(fn), f"old_policy_decay {self.old_policy_decay!r} does not name a callable.")
         if self.reward_weights is not None:
             need(len(self.reward_weights) > 0, "reward_weights must not be empty; leave it None for weights of 1.0.")
+        for name in ("cache_prompt_embeddings", "offload_text_encoders", "offload_vae", "vae_slicing", "vae_tiling"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be True or False (got {getattr(self, name)!r}).")
+        need(
+            self.cache_prompt_embeddings or not self.offload_text_encoders,
+            "offload_text_encoders=True needs cache_prompt_embeddings=True: without the cache every training "
+            "micro-batch runs the text encoders, which would move them between CPU and accelerator at every step. Set "
+            "cache_prompt_embeddings=True or offload_text_encoders=False.",
+        )
 
     def _check_inherited_fields(self):
         """Refuse the `TrainingArguments` options that DiffusionNFT's own sampler, evaluation, saving or model

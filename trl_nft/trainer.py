@@ -38,7 +38,7 @@ from transformers.utils import logging
 from . import _checkpoint, core
 from .config import DiffusionNFTConfig, import_from_string
 from .families import get_adapter, load_pipeline, null_components
-from .families.adapter import eval_mode
+from .families.adapter import IncompatibleRows, eval_mode
 from .model_card import write_model_card
 from .rewards import resolve_reward
 from .rewards.calling import RewardCaller, check_reward_columns, unique_reward_names
@@ -148,8 +148,10 @@ class DiffusionNFTTrainer(Trainer):
         reward_funcs (callable, `str`, or a list of them):
             Each is called as `f(prompts=list[str], images=Tensor[B, 3, H, W] in [0, 1], **other_columns,
             trainer_state=..., log_metric=...)` and returns one float (or `None`) per image, or a mapping
-            `{"scores": [...], "<key>": [...]}` with extra per-image values to log. `async def` rewards run on a
-            background event loop. Return values are checked by `trl_nft.rewards.calling` (see docs/rewards.md).
+            `{"scores": [...], "<key>": [...]}` with extra per-image values to log. Called once per sampling chunk
+            (`per_device_train_batch_size` images), under `torch.no_grad()`, on a worker thread while the next chunk is
+            sampled (`async_reward_computation`). `async def` rewards run on a background event loop. Return values
+            are checked by `trl_nft.rewards.calling` (see docs/rewards.md).
             Strings name a built-in reward (see `trl_nft.rewards.BUILTIN_REWARDS`) or a dotted path `module:function`.
         args ([`DiffusionNFTConfig`], *optional*):
             Configuration. Defaults to `DiffusionNFTConfig(f"{model_name}-NFT")`.
@@ -209,6 +211,7 @@ class DiffusionNFTTrainer(Trainer):
         self.pipeline = pipeline
         self.adapter = get_adapter(pipeline, resolution=args.resolution, pipeline_kwargs=args.pipeline_kwargs)
         pipeline.set_progress_bar_config(disable=True)
+        self._setup_vae_decoding(pipeline, args)
 
         # ---------------------------------------------------------------- rewards
         if not isinstance(reward_funcs, list | tuple):
@@ -327,6 +330,8 @@ class DiffusionNFTTrainer(Trainer):
         self._rollout_grid: torch.Tensor | None = None
         self._last_eval_images: tuple[torch.Tensor, list[str]] | None = None
         self._pending_rollout_images: tuple[torch.Tensor, list[str]] | None = None
+        #: `cache_prompt_embeddings`: prompt -> its row of the captured conditioning, for the current rollout batch.
+        self._prompt_cache: dict[str, dict[str, Any]] = {}
 
     # ================================================================================================ setup helpers
     @staticmethod
@@ -451,6 +456,55 @@ class DiffusionNFTTrainer(Trainer):
         # Trainer.train() calls this on the model; a plain attribute keeps the diffusers class untouched.
         denoiser.activation_checkpointing_enable = activation_checkpointing_enable
 
+    @staticmethod
+    def _setup_vae_decoding(pipeline, args: DiffusionNFTConfig):
+        """`vae_slicing` / `vae_tiling`: diffusers' own sliced / tiled decoding of the pipeline's VAE."""
+        vae = getattr(pipeline, "vae", None)
+        for name, flag, method in (("vae_slicing", "use_slicing", "enable_slicing"), ("vae_tiling", "use_tiling", "enable_tiling")):  # fmt: skip
+            if not getattr(args, name):
+                continue
+            # diffusers' AutoencoderMixin.enable_* checks the same attribute (and raises NotImplementedError).
+            if vae is None or not hasattr(vae, flag) or not callable(getattr(vae, method, None)):
+                raise ValueError(
+                    f"{name}=True, but this {type(pipeline).__name__}'s VAE "
+                    f"({type(vae).__name__ if vae is not None else 'none'}) does not support {method}(). Set "
+                    f"{name}=False{'' if name == 'vae_tiling' else ', or lower per_device_train_batch_size (rollouts decode that many images at once)'}."
+                )
+            getattr(vae, method)()
+
+    # ================================================================================================ offload
+    def _offloadable(self, text_encoders: bool = True, vae: bool = True) -> list[torch.nn.Module]:
+        """The components `offload_text_encoders` / `offload_vae` keep in CPU memory while the denoiser trains."""
+        modules = []
+        for name, component in self.pipeline.components.items():
+            if not isinstance(component, torch.nn.Module) or name == self.adapter.denoiser_name:
+                continue
+            if (text_encoders and self.args.offload_text_encoders and name.startswith("text_encoder")) or (
+                vae and self.args.offload_vae and name == "vae"
+            ):
+                modules.append(component)
+        return modules
+
+    def _place_offloadable(self, device, text_encoders: bool = True, vae: bool = True) -> None:
+        # A plain `.to()` once per rollout batch each way. Not diffusers' `enable_model_cpu_offload` (it moves the
+        # denoiser too and hooks every forward) nor group offloading (it moves the weights at every call: once per
+        # rollout chunk instead of once per rollout batch).
+        for module in self._offloadable(text_encoders, vae):
+            module.to(device)
+
+    @contextlib.contextmanager
+    def _onloaded(self, text_encoders: bool = True, vae: bool = True):
+        """Offloaded components on the accelerator for a pipeline call, then back where they were."""
+        modules = self._offloadable(text_encoders, vae)
+        before = [next(m.parameters()).device for m in modules]
+        for module in modules:
+            module.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for module, device in zip(modules, before, strict=True):
+                module.to(device)
+
     # ================================================================================================ policies
     @contextlib.contextmanager
     def _policy(self, which: str):
@@ -498,7 +552,7 @@ class DiffusionNFTTrainer(Trainer):
         """The weights that evaluations and saved adapters use: the trained policy, or its EMA when `eval_ema_decay`
         is set, in eval mode (so `log()` inside it logs an evaluation). Yields the pipeline; callers that sample
         outside `evaluate` (the shapes demo) use this too."""
-        with self._policy("default") as denoiser, self._ema_weights(), eval_mode(denoiser):
+        with self._policy("default") as denoiser, self._ema_weights(), eval_mode(denoiser), self._onloaded():
             yield self.pipeline
 
     def _after_optimizer_step(self):
@@ -577,7 +631,31 @@ class DiffusionNFTTrainer(Trainer):
         return x0.float(), images
 
     def _conditioning(self, prompts: list[str]) -> dict[str, Any]:
-        """The denoiser's conditioning for `prompts`, captured from the pipeline (see `trl_nft.families`)."""
+        """The denoiser's conditioning for `prompts`: from the per-prompt cache (`cache_prompt_embeddings`), else
+        captured from the pipeline (see `trl_nft.families`)."""
+        if not self.args.cache_prompt_embeddings:
+            return self._capture_conditioning(prompts)
+        self._cache_prompts(prompts)
+        try:
+            return self.adapter.join_conditioning_rows([self._prompt_cache[p] for p in prompts])
+        except IncompatibleRows:
+            # E.g. prompts that a pipeline padding to the longest prompt of its batch encoded at different lengths:
+            # capture this micro-batch as it would be without the cache.
+            with self._onloaded(vae=False):
+                return self._capture_conditioning(prompts)
+
+    def _cache_prompts(self, prompts: list[str]) -> None:
+        """Capture and cache the conditioning of each prompt not cached yet (once per unique prompt)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if not missing:
+            return
+        with self._onloaded(vae=False):
+            for prompt in missing:
+                # Alone, as the pipeline pads it alone; twice, so that `tile()`'s per-sample rule sees a batch of 2.
+                cond = self._capture_conditioning([prompt, prompt])
+                self._prompt_cache[prompt] = self.adapter.conditioning_row(cond)
+
+    def _capture_conditioning(self, prompts: list[str]) -> dict[str, Any]:
         with self.accelerator.autocast():
             return self.adapter.conditioning(
                 prompts,
@@ -593,20 +671,35 @@ class DiffusionNFTTrainer(Trainer):
         columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
         chunk = self.args.per_device_train_batch_size
         latents, images = [], []
-        with torch.no_grad(), self._policy("old"):
-            for i in range(0, len(prompts), chunk):
-                x0, chunk_images = self._sample_latents(
-                    prompts[i : i + chunk],
-                    num_inference_steps=self.args.num_inference_steps,
-                    guidance_scale=self.args.guidance_scale,
-                )
-                latents.append(x0)
-                images.append(chunk_images)
-        self._rollout_grid = self.adapter.training_grid()
+        self._place_offloadable(self.accelerator.device)
+        self._prompt_cache.clear()
+        # Each chunk is scored as soon as it is sampled, by the official code's scoring unit (one sampling batch): on
+        # the reward worker while the next chunk is sampled (async_reward_computation), or inline.
+        with self._reward_caller.schedule(self.args.async_reward_computation) as scoring:
+            with torch.no_grad(), self._policy("old"):
+                for i in range(0, len(prompts), chunk):
+                    x0, chunk_images = self._sample_latents(
+                        prompts[i : i + chunk],
+                        num_inference_steps=self.args.num_inference_steps,
+                        guidance_scale=self.args.guidance_scale,
+                    )
+                    latents.append(x0)
+                    images.append(chunk_images)
+                    chunk_columns = {k: v[i : i + chunk] for k, v in columns.items()}
+                    self._submit_rewards(scoring, prompts[i : i + chunk], chunk_images, chunk_columns, mode="train")
+                    if scoring.failed:
+                        break  # a reward raised: `results` raises it below, on every process together
+            # (Before the conditioning capture below, which runs the pipeline too.)
+            self._rollout_grid = self.adapter.training_grid()
+            # The prompts' conditioning is cached while the last chunk is still being scored.
+            if self.args.cache_prompt_embeddings and not scoring.failed:
+                self._cache_prompts(prompts)
+            self._place_offloadable("cpu")
+            with self._fail_together("a reward function"):
+                rewards_per_func = self._collect_rewards(scoring, mode="train")
         x0 = torch.cat(latents)
         images = torch.cat(images)
-        with self._fail_together("a reward function"):
-            rewards_per_func = self._calculate_rewards(prompts, images, columns, mode="train")
+        self._log_diversity(prompts, images, mode="train")
 
         # Advantages are normalised over the whole rollout batch of all processes (official: all-gather).
         all_rewards = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()
@@ -662,21 +755,33 @@ class DiffusionNFTTrainer(Trainer):
         metrics["reward"].append(valid.mean().item() if valid.numel() else math.nan)
         metrics["reward_std"].append(valid.std(unbiased=False).item() if valid.numel() else math.nan)
 
-    def _calculate_rewards(self, prompts, images, columns, mode: str) -> torch.Tensor:
-        """`[N, F]` rewards, NaN where a function returned None; checked by `trl_nft.rewards.calling.RewardCaller`.
-        Extra per-image values a reward returns are logged as `rewards/<name>/<key>` (mean of the finite ones)."""
+    def _submit_rewards(self, scoring, prompts, images, columns, mode: str) -> None:
+        """Hand one sampled chunk to `scoring` (a `trl_nft.rewards.calling.RewardSchedule`); `log_metric` values of
+        the reward functions land in the `mode` metrics when `_collect_rewards` collects the chunk."""
 
         def log_metric(name: str, value: float):
             self._metrics[mode][name].append(float(value))
 
-        out = self._reward_caller(prompts, images, **columns, trainer_state=self.state, log_metric=log_metric)
-        for key, values in out.extras.items():
-            finite = [v for v in values if math.isfinite(v)]
-            self._metrics[mode][f"rewards/{key}"].append(sum(finite) / len(finite) if finite else math.nan)
+        scoring.submit(prompts, images, **columns, trainer_state=self.state, log_metric=log_metric)
+
+    def _collect_rewards(self, scoring, mode: str) -> torch.Tensor:
+        """`[N, F]` rewards of every chunk submitted to `scoring`, in order, NaN where a function returned None;
+        checked by `trl_nft.rewards.calling.RewardCaller`. Extra per-image values a reward returns are logged as
+        `rewards/<name>/<key>` (per chunk, the mean of the finite ones), and the seconds spent scoring and waiting
+        for the scores as `reward_time` and `reward_wait_time`."""
+        outputs = scoring.results()
+        for out in outputs:
+            for key, values in out.extras.items():
+                finite = [v for v in values if math.isfinite(v)]
+                self._metrics[mode][f"rewards/{key}"].append(sum(finite) / len(finite) if finite else math.nan)
+        self._metrics[mode]["reward_time"].append(scoring.reward_time)
+        self._metrics[mode]["reward_wait_time"].append(scoring.wait_time)
+        return torch.cat([out.scores for out in outputs]) if outputs else torch.empty(0, len(scoring.caller.funcs))
+
+    def _log_diversity(self, prompts: list[str], images: torch.Tensor, mode: str) -> None:
         diversity = self._within_group_diversity(prompts, images)
         if not math.isnan(diversity):  # NaN: no prompt with two images here (e.g. evaluation with unique prompts)
             self._metrics[mode]["diversity/within_group"].append(diversity)
-        return out.scores
 
     # ================================================================================================ reward monitors
     def _setup_eval_monitors(self, eval_reward_funcs, args: DiffusionNFTConfig) -> None:
@@ -705,13 +810,11 @@ class DiffusionNFTTrainer(Trainer):
         return core.within_group_diversity(small.flatten(1).cpu(), core.group_ids_from_keys(prompts))
 
     @torch.no_grad()
-    def _eval_monitors(self, prompts, images, columns, seeds: list[int], guidance_scale: float) -> None:
-        """Per evaluation batch: held-out rewards, and the drift of the images from the reference model's."""
-        if self._eval_reward_caller is not None:
-            out = self._eval_reward_caller(
-                prompts, images, **columns, trainer_state=self.state, log_metric=lambda name, value: None
-            )
-            self._monitor_values["heldout"].append(out.scores)
+    def _eval_monitors(self, prompts, images, columns, seeds: list[int], guidance_scale: float, heldout) -> None:
+        """Per evaluation batch: held-out rewards (submitted to the `heldout` schedule, collected after the last
+        batch), and the drift of the images from the reference model's."""
+        if heldout is not None:
+            heldout.submit(prompts, images, **columns, trainer_state=self.state)  # their log_metric values are dropped
         if self.args.eval_reference_drift:
             device = self.accelerator.device
             with self._policy("ref"):
@@ -937,8 +1040,16 @@ class DiffusionNFTTrainer(Trainer):
         )
         device = self.accelerator.device
         bs = self.args.per_device_eval_batch_size
-        all_scores, all_images, all_prompts = [], [], []
-        with self._fail_together("evaluation"), self.evaluation_weights():
+        all_images, all_prompts = [], []
+        asynchronous = self.args.async_reward_computation
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._fail_together("evaluation"))
+            stack.enter_context(self.evaluation_weights())
+            # As in rollouts: each batch is scored (on the reward workers) while the next one is sampled.
+            scoring = stack.enter_context(self._reward_caller.schedule(asynchronous))
+            heldout = None
+            if self._eval_reward_caller is not None:
+                heldout = stack.enter_context(self._eval_reward_caller.schedule(asynchronous))
             for i in range(0, len(indices), bs):
                 idx = indices[i : i + bs]
                 prompts = [rows[j]["prompt"] for j in idx]
@@ -950,13 +1061,20 @@ class DiffusionNFTTrainer(Trainer):
                     guidance_scale=guidance,
                     generator=generators,
                 )
-                all_scores.append(self._calculate_rewards(prompts, images, columns, mode="eval"))
-                self._eval_monitors(prompts, images, columns, [self.args.eval_seed + j for j in idx], guidance)
+                self._submit_rewards(scoring, prompts, images, columns, mode="eval")
+                self._log_diversity(prompts, images, mode="eval")
+                self._eval_monitors(
+                    prompts, images, columns, [self.args.eval_seed + j for j in idx], guidance, heldout
+                )
                 all_images.append(images.cpu())
                 all_prompts.extend(prompts)
+                if scoring.failed or (heldout is not None and heldout.failed):
+                    break
+            local = self._collect_rewards(scoring, mode="eval")
+            if heldout is not None:
+                self._monitor_values["heldout"].extend(out.scores for out in heldout.results())
         # Processes hold different numbers of rows when the prompts do not divide evenly: gather objects, not tensors.
         num_funcs = len(self.reward_funcs)
-        local = torch.cat(all_scores) if all_scores else torch.empty(0, num_funcs)
         gathered = gather_object(local.tolist())
         rewards_per_func = torch.tensor(gathered, dtype=torch.float32).reshape(-1, num_funcs)
         rewards = core.combine_rewards(rewards_per_func, self.reward_weights)
@@ -1134,8 +1252,11 @@ class DiffusionNFTTrainer(Trainer):
             logger.info(f"Resuming from {resume_from_checkpoint}.")
         self._stop_signal = None
         self._signal_guard = _checkpoint.SignalGuard() if self.args.save_on_signal else None
-        with self._signal_guard or contextlib.nullcontext():
-            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        try:
+            with self._signal_guard or contextlib.nullcontext():
+                output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            self._place_offloadable(self.accelerator.device)  # the pipeline is whole again after training
         if self._stop_signal is not None:
             import signal
 

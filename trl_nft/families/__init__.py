@@ -191,6 +191,8 @@ FAMILIES: list[ModelFamily] = [
         ("HiDreamImagePipeline",),
         frame=lambda pipe, res: FlowFrame(scale=_train_steps(pipe), sign=-1.0),
         timestep_arg="timesteps",
+        # Its Llama hidden states are stacked layers first: [layers, B, L, D].
+        batch_dims=(("encoder_hidden_states_llama3", 1),),
         unpack_output=_hidream_output,
         lora_target_modules=("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"),
     ),

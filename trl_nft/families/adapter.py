@@ -67,6 +67,8 @@ class ModelFamily:
         lora_target_modules (`tuple[str, ...]`): default LoRA targets (module-name suffixes, peft's convention).
         static_args (`tuple[str, ...]`): captured arguments that are not per-sample although their first dimension
             may equal the batch size (FLUX's position ids).
+        batch_dims (`tuple[tuple[str, int], ...]`): captured arguments whose batch dimension is not the first, as
+            `(name, dim)` pairs (HiDream's `encoder_hidden_states_llama3` is `[layers, B, L, D]`).
         pack_sample / unpack_sample (`Callable`, *optional*): where the denoiser takes something other than one
             `[B, ...]` tensor (Z-Image takes lists of `[C, 1, H, W]`).
         unpack_output (`Callable[[output, sample], Tensor]`, *optional*): the prediction as a tensor shaped like the
@@ -86,6 +88,7 @@ class ModelFamily:
     guidance_kwargs: Callable[[float], dict[str, Any]] | None = None
     lora_target_modules: tuple[str, ...] = ATTENTION_TARGETS
     static_args: tuple[str, ...] = ()
+    batch_dims: tuple[tuple[str, int], ...] = ()
     pack_sample: Callable[[torch.Tensor], Any] | None = None
     unpack_sample: Callable[[Any], torch.Tensor] | None = None
     unpack_output: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
@@ -94,17 +97,91 @@ class ModelFamily:
     notes: str = field(default="", compare=False)
 
 
-def _tile(value: Any, batch_size: int, repeats: int, static: tuple[str, ...], key: str = "") -> Any:
+def _tile(
+    value: Any,
+    batch_size: int,
+    repeats: int,
+    static: tuple[str, ...],
+    key: str = "",
+    dims: dict[str, int] | None = None,
+) -> Any:
     """Repeat every per-sample entry of captured arguments `repeats` times along the batch (whole-batch tiling)."""
     if key in static:
         return value
     if isinstance(value, dict):
-        return {k: _tile(v, batch_size, repeats, static, k) for k, v in value.items()}
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
-        return value.repeat(repeats, *([1] * (value.dim() - 1)))
+        return {k: _tile(v, batch_size, repeats, static, k, dims) for k, v in value.items()}
+    dim = (dims or {}).get(key, 0)
+    if isinstance(value, torch.Tensor) and value.dim() > dim and value.shape[dim] == batch_size:
+        return value.repeat(*[repeats if i == dim else 1 for i in range(value.dim())])
     if isinstance(value, list | tuple) and len(value) == batch_size:
         return type(value)(list(value) * repeats)
     return value
+
+
+class _Row:
+    """One sample's slice of a per-sample captured argument (a batch of one along its batch dimension)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+class IncompatibleRows(ValueError):
+    """Cached rows that cannot be stacked into the batch the pipeline would capture (e.g. prompts padded to
+    different lengths by a pipeline that pads to the longest prompt of its batch)."""
+
+
+def _first_row(value: Any, batch_size: int, static: tuple[str, ...], key: str, dims: dict[str, int]) -> Any:
+    """The first sample's part of a captured argument: `_Row` leaves for per-sample entries (by `_tile`'s rule),
+    everything else (per-batch entries: position ids, attention-processor kwargs) kept as captured."""
+    if key in static:
+        return value
+    if isinstance(value, dict):
+        return {k: _first_row(v, batch_size, static, k, dims) for k, v in value.items()}
+    dim = dims.get(key, 0)
+    if isinstance(value, torch.Tensor) and value.dim() > dim and value.shape[dim] == batch_size:
+        return _Row(value.narrow(dim, 0, 1).clone())
+    if isinstance(value, list | tuple) and len(value) == batch_size:
+        return _Row(type(value)(value[:1]))
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b.to(a.device)))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _join_rows(rows: list[Any], key: str, dims: dict[str, int]) -> Any:
+    first = rows[0]
+    if isinstance(first, _Row):
+        if not all(isinstance(r, _Row) for r in rows):
+            raise IncompatibleRows(key)
+        values = [r.value for r in rows]
+        if isinstance(first.value, torch.Tensor):
+            if any(not isinstance(v, torch.Tensor) or v.shape != first.value.shape for v in values):
+                raise IncompatibleRows(key)
+            return torch.cat(values, dim=dims.get(key, 0))
+        return type(first.value)(x for v in values for x in v)
+    if isinstance(first, dict):
+        if not all(isinstance(r, dict) and r.keys() == first.keys() for r in rows):
+            raise IncompatibleRows(key)
+        return {k: _join_rows([r[k] for r in rows], k, dims) for k in first}
+    # A per-batch entry: the same for every prompt, or the prompts cannot share one batch.
+    if not all(_same(first, r) for r in rows[1:]):
+        raise IncompatibleRows(key)
+    return first
 
 
 def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
@@ -333,8 +410,42 @@ class PipelineAdapter:
     def tile(self, cond: dict[str, Any], repeats: int) -> dict[str, Any]:
         """Repeat the per-sample conditioning `repeats` times (matching `x.repeat(repeats, ...)` of the samples)."""
         batch = cond["_batch_size"]
-        out = {k: _tile(v, batch, repeats, self.family.static_args, k) for k, v in cond.items() if k != "_batch_size"}
+        dims = dict(self.family.batch_dims)
+        out = {
+            k: _tile(v, batch, repeats, self.family.static_args, k, dims)
+            for k, v in cond.items()
+            if k != "_batch_size"
+        }
         out["_batch_size"] = batch * repeats
+        return out
+
+    def conditioning_row(self, cond: dict[str, Any]) -> dict[str, Any]:
+        """The first sample's part of `conditioning()` output, for a per-prompt cache (`join_conditioning_rows`).
+
+        Which entries are per-sample follows `tile()`: tensors whose batch dimension (the first, or the family's
+        `batch_dims`) has the batch size and lists of that length, except the family's `static_args`. Capture with
+        at least two samples (the same prompt twice) so that a per-batch entry is not taken for a per-sample one.
+        """
+        batch = cond["_batch_size"]
+        dims = dict(self.family.batch_dims)
+        static = self.family.static_args
+        return {k: _first_row(v, batch, static, k, dims) for k, v in cond.items() if k != "_batch_size"}
+
+    def join_conditioning_rows(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack per-prompt rows (`conditioning_row`) into the conditioning of a batch of those prompts.
+
+        Raises:
+            IncompatibleRows: when the rows cannot form one batch as the pipeline would capture it: per-sample
+                tensors of different shapes (a pipeline that pads prompts to the longest one of its batch) or
+                per-batch entries that differ between prompts. Capture the batch with `conditioning()` instead.
+        """
+        if not rows:
+            raise ValueError("join_conditioning_rows needs at least one row.")
+        dims = dict(self.family.batch_dims)
+        if any(r.keys() != rows[0].keys() for r in rows):
+            raise IncompatibleRows("captured arguments")
+        out = {k: _join_rows([r[k] for r in rows], k, dims) for k in rows[0]}
+        out["_batch_size"] = len(rows)
         return out
 
     # ---------------------------------------------------------------- training forward

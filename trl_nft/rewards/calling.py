@@ -7,16 +7,22 @@
   per-image values are logged; non-finite scores are an error naming the function, or, with
   `non_finite_rewards="missing"`, treated as missing with a warning; a row that no reward scored is warned about;
 * `async def` rewards (and any callable returning an awaitable) run concurrently on a background event loop, so they
-  also work where an event loop is already running (a notebook cell), as TRL's `GRPOTrainer` does.
+  also work where an event loop is already running (a notebook cell), as TRL's `GRPOTrainer` does;
+* overlap with sampling (`RewardCaller.schedule`): the chunks of a batch are scored in order, inline or on one worker
+  thread while the caller samples the next chunk (`DiffusionNFTConfig.async_reward_computation`), through the same
+  `RewardCaller.__call__`, so both give the same scores, metrics and errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
+import contextlib
 import inspect
 import math
 import numbers
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -149,6 +155,20 @@ def parse_reward_output(result, name: str, n: int) -> tuple[list[float | None], 
     return scores, extras
 
 
+def _name_reward(err: BaseException, name: str) -> None:
+    # A note, not a new message: the reward's own exception (type and text) reaches the caller unchanged, and the
+    # traceback names the function that raised it, whichever thread it ran on.
+    err.add_note(f"Raised by the reward function {name!r}.")
+
+
+async def _awaited_naming(awaitable, name: str):
+    try:
+        return await awaitable
+    except Exception as err:
+        _name_reward(err, name)
+        raise
+
+
 class RewardCaller:
     """Calls every reward function on a batch and checks what comes back (see the module docstring).
 
@@ -164,6 +184,8 @@ class RewardCaller:
             raise ValueError(f"non_finite_rewards must be one of {NON_FINITE_REWARDS}, got {non_finite!r}.")
         self.funcs, self.names, self.non_finite = list(funcs), list(names), non_finite
         self._loop = self._thread = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     # ------------------------------------------------------------------ async
     def _run_coroutines(self, awaitables: list) -> list:
@@ -180,20 +202,54 @@ class RewardCaller:
         return asyncio.run_coroutine_threadsafe(gather(), self._loop).result()
 
     def close(self) -> None:
-        """Stop the background event loop, if one was started."""
+        """Stop the background event loop and the scoring worker thread, if they were started."""
         if self._loop is not None:
             shutdown_event_loop_in_daemon(self._thread, self._loop)
             self._loop = self._thread = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # ------------------------------------------------------------------ overlap
+    def schedule(self, asynchronous: bool) -> RewardSchedule:
+        """A `RewardSchedule` that scores the chunks of one batch with this caller, in order: on this caller's worker
+        thread while the submitting thread goes on (`asynchronous=True`), or inline. Use it as a context manager, so
+        that nothing is still scored when the block is left on an error."""
+        return RewardSchedule(self, asynchronous)
+
+    def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        # One worker: a reward is never called concurrently with itself (reward models are rarely thread-safe), and
+        # the chunks are scored in submission order.
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl_nft-reward")
+        return self._executor
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        # Kernels of the default stream run one after another: a reward model's forward on it would wait for the
+        # sampler's, so the worker uses a stream of its own.
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     # ------------------------------------------------------------------ call
     def __call__(self, prompts: list[str], images: torch.Tensor, **kwargs) -> RewardOutput:
         """Score a batch: `prompts` (N), `images` `[N, 3, H, W]` in [0, 1], `kwargs` the dataset columns (lists of N)
         plus `trainer_state` and `log_metric`."""
         n = len(prompts)
-        results = [f(prompts=prompts, images=images, **kwargs) for f in self.funcs]
+        results = []
+        for f, name in zip(self.funcs, self.names, strict=True):
+            try:
+                results.append(f(prompts=prompts, images=images, **kwargs))
+            except Exception as err:
+                for res in results:
+                    if inspect.iscoroutine(res):
+                        res.close()  # never awaited now: close it instead of leaving a "never awaited" warning
+                _name_reward(err, name)
+                raise
         pending = [i for i, res in enumerate(results) if inspect.isawaitable(res)]
         if pending:
-            for i, res in zip(pending, self._run_coroutines([results[i] for i in pending]), strict=True):
+            awaitables = [_awaited_naming(results[i], self.names[i]) for i in pending]
+            for i, res in zip(pending, self._run_coroutines(awaitables), strict=True):
                 results[i] = res
         scores = torch.full((n, len(self.funcs)), math.nan)
         extras: dict[str, list[float]] = {}
@@ -227,3 +283,112 @@ class RewardCaller:
                 "reward scores every image."
             )
         return RewardOutput(scores=scores, extras=extras)
+
+
+class RewardSchedule:
+    """Scores the chunks of one batch in submission order with a `RewardCaller`, inline or overlapped.
+
+    With `asynchronous=True`, `submit` hands the chunk to the caller's worker thread and returns at once, so that the
+    caller samples the next chunk while this one is scored (torch operations release the GIL, so a reward model's
+    forward pass runs alongside the sampler's). With `asynchronous=False`, `submit` scores the chunk before returning.
+    Either way every chunk goes through `RewardCaller.__call__` with the same arguments, and `results` returns the
+    same outputs, replays the same `log_metric` calls and raises the same first error, so the two are
+    interchangeable. On a worker the reward sees the submitting thread's grad mode and CUDA device, and (for CUDA
+    images) runs on a side stream that waits for the work that produced the images.
+
+    Attributes:
+        reward_time (`float`): seconds spent in `RewardCaller.__call__`, summed over the chunks scored.
+        wait_time (`float`): seconds the submitting thread spent scoring inline or waiting in `results`: the scoring
+            time that sampling did not hide.
+    """
+
+    def __init__(self, caller: RewardCaller, asynchronous: bool):
+        self.caller, self.asynchronous = caller, asynchronous
+        self._jobs: list[tuple[concurrent.futures.Future, list[tuple[str, float]], Callable | None]] = []
+        self._stop = False  # set by the first chunk that raised: later chunks are not scored (as inline)
+        self.reward_time = 0.0
+        self.wait_time = 0.0
+
+    def __enter__(self) -> RewardSchedule:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    def submit(self, prompts: list[str], images: torch.Tensor, *, log_metric: Callable | None = None, **kwargs):
+        """Score one chunk: `prompts` (N), `images` `[N, 3, H, W]` in [0, 1], `kwargs` the dataset columns (lists of
+        N) and `trainer_state`. The reward functions' `log_metric(name, value)` calls are recorded and made on
+        `log_metric` by `results`, in the submitting thread."""
+        logged: list[tuple[str, float]] = []
+        kwargs["log_metric"] = lambda name, value: logged.append((name, value))
+        if self.asynchronous:
+            grad = torch.is_grad_enabled()
+            event = None
+            if images.is_cuda:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(images.device))
+            future = self.caller._worker().submit(self._score, prompts, images, kwargs, grad, event)
+        else:
+            start = time.perf_counter()
+            future = concurrent.futures.Future()
+            try:
+                future.set_result(self._score(prompts, images, kwargs))
+            except Exception as err:  # raised by `results`, in order, as from the worker
+                future.set_exception(err)
+            self.wait_time += time.perf_counter() - start
+        self._jobs.append((future, logged, log_metric))
+
+    def _score(self, prompts, images, kwargs, grad: bool | None = None, event=None) -> RewardOutput | None:
+        if self._stop:
+            return None
+        start = time.perf_counter()
+        try:
+            if event is None:
+                with torch.set_grad_enabled(grad) if grad is not None else contextlib.nullcontext():
+                    return self.caller(prompts, images, **kwargs)
+            stream = self.caller._side_stream(images.device)
+            with torch.set_grad_enabled(grad), torch.cuda.device(images.device), torch.cuda.stream(stream):
+                stream.wait_event(event)
+                try:
+                    return self.caller(prompts, images, **kwargs)
+                finally:
+                    # The images' memory may be reused once the submitting thread drops them: finish with them first.
+                    stream.synchronize()
+        except BaseException:
+            self._stop = True
+            raise
+        finally:
+            self.reward_time += time.perf_counter() - start
+
+    @property
+    def failed(self) -> bool:
+        """Whether a chunk's scoring has already raised (`results` raises it): there is no point sampling on."""
+        return any(f.done() and not f.cancelled() and f.exception() is not None for f, _, _ in self._jobs)
+
+    def results(self) -> list[RewardOutput]:
+        """Wait for every submitted chunk, in order, make each chunk's recorded `log_metric` calls, and return their
+        outputs. Raises the first failing chunk's exception (the reward's own, with its message) and scores nothing
+        after it. The schedule is empty afterwards."""
+        outputs = []
+        start = time.perf_counter()
+        try:
+            for future, logged, log_metric in self._jobs:
+                out = future.result()
+                if log_metric is not None:
+                    for name, value in logged:
+                        log_metric(name, value)
+                outputs.append(out)
+        finally:
+            self.wait_time += time.perf_counter() - start
+            self.cancel()
+        return outputs
+
+    def cancel(self) -> None:
+        """Drop the chunks not scored yet and wait for the one being scored, if any."""
+        self._stop = True
+        futures = [f for f, _, _ in self._jobs]
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures)
+        self._jobs.clear()
+        self._stop = False
