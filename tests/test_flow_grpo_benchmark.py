@@ -69,6 +69,16 @@ def test_kl_and_advantages_follow_the_official_formulas():
     assert zero_std == 0.5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny pipeline's ops are too small to split: on a shared 2-core machine two intra-op threads wait on each
+    # other (the iteration test: 18 s with two threads while other jobs ran, 0.2 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_grpo():
     from trl_nft.shapes import VOCABULARY
