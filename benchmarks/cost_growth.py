@@ -3,15 +3,17 @@
     python benchmarks/cost_growth.py [--out runs/cost_growth] [--repeats 2]
 
 Each point is one iteration (a rollout batch of 4 prompts x K images, its rewards, and one optimizer step on it) of
-`DiffusionNFTTrainer` on the tiny randomly initialised SD3 pipeline of the test suite (`build_tiny_sd3_pipeline`),
-timed after a warm-up iteration, in float32. One factor varies at a time around the base point (K=4, 16 px, 4 rollout
-steps, 3 training times); the others stay at it. Peak memory is the growth of the process's resident set over the
-iteration (Linux VmHWM, reset before it through /proc/self/clear_refs); on a CUDA device,
-`torch.cuda.max_memory_allocated` instead.
+`DiffusionNFTTrainer` on a randomly initialised SD3 pipeline of the shapes demo's size (`TinySD3Spec.preset("shapes")`:
+4 layers, 4 heads of 32; the position-embedding table sized for the resolution), timed after a warm-up iteration, in
+float32, each point in a fresh process. One factor varies at a time around the base point (K=8, 32 px, 8 rollout
+steps, 4 training times); the others stay at it. Peak memory is the growth of the process's resident set over the
+iteration above its resident set when the iteration starts (Linux VmHWM, reset through /proc/self/clear_refs; glibc
+told to return freed blocks, as benchmarks/memory.py does); on a CUDA device, `torch.cuda.max_memory_allocated`.
 
-For each factor the script fits `cost = a x^p` (least squares in log-log) and prints p, the measured growth exponent:
-time should grow linearly (p = 1) in K (images per iteration), in rollout steps (rollout part) and in training times
-(training part), and about linearly in pixels (p = 2 in the side) until attention's quadratic term dominates.
+For each factor the script fits `cost = a x^p` (least squares in log-log over the sweep) and prints p, the measured
+growth exponent: time should grow about linearly (p near 1, less where a fixed cost remains) in K (images per
+iteration), in rollout steps (the rollout part) and in training times (the training part), and about linearly in
+pixels (p near 2 in the side) until attention's quadratic term in tokens dominates.
 Writes `cost_growth.png` and `cost_growth.json` under `--out`.
 """
 
@@ -21,6 +23,8 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -28,11 +32,11 @@ import numpy as np
 import torch
 
 
-BASE = {"num_generations": 4, "resolution": 16, "num_inference_steps": 4, "num_train_timesteps": 3}
+BASE = {"num_generations": 8, "resolution": 32, "num_inference_steps": 8, "num_train_timesteps": 4}
 SWEEPS = {
-    "num_generations": [2, 4, 8, 16],
+    "num_generations": [4, 8, 16, 32],
     "resolution": [16, 32, 64, 128],
-    "num_inference_steps": [2, 4, 8, 16],
+    "num_inference_steps": [4, 8, 16, 32],
     "num_train_timesteps": [1, 2, 4, 8],
 }
 LABELS = {
@@ -76,8 +80,8 @@ def measure(point: dict, repeats: int) -> dict:
     from trl_nft.shapes.tiny import TinySD3Spec, build_tiny_sd3_pipeline
 
     steps = point["num_inference_steps"]
-    # The test preset with its latent side (= image side / 2) and position-embedding table sized for the resolution.
-    spec = dataclasses.replace(TinySD3Spec.preset("test"), sample_size=point["resolution"] // 2)
+    # The demo-sized preset with its latent side (= image side / 2) and position-embedding table sized for the resolution.
+    spec = dataclasses.replace(TinySD3Spec.preset("shapes"), sample_size=point["resolution"] // 2)
     pipe = build_tiny_sd3_pipeline(VOCABULARY, spec, seed=0)
     batch = len(PROMPTS) * point["num_generations"]
     args = DiffusionNFTConfig(
@@ -124,18 +128,28 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/cost_growth")
     parser.add_argument("--repeats", type=int, default=2, help="Timed iterations per point (the fastest counts).")
+    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: measure one point, print its JSON
     args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    from transformers.utils import logging as hf_logging
+    if args.point:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()
+        print(json.dumps(measure(json.loads(args.point), args.repeats)))
+        return {}
+    os.makedirs(args.out, exist_ok=True)
     results = {}
     print("| factor | value | s/iteration | peak MiB |\n|---|---|---|---|")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     for factor, values in SWEEPS.items():
         rows = []
         for value in values:
             point = {**BASE, factor: value}
-            m = measure(point, args.repeats)
+            # A fresh process per point: the peak of one point must not hide in the high-water mark of another.
+            out = subprocess.run(
+                [sys.executable, __file__, "--point", json.dumps(point), "--repeats", str(args.repeats)],
+                env=env, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            m = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append({"value": value, **m})
             print(f"| {factor} | {value} | {m['seconds']:.3f} | {m['peak_mib']:.1f} |", flush=True)
         xs = [r["value"] for r in rows]
