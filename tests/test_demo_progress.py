@@ -63,8 +63,12 @@ def test_demo_precision_auto_measures_and_says_what_it_chose(tmp_path):
     out = ["--output_dir", str(tmp_path)]
     demo_args, args = parse_demo_arguments([*out, "--precision", "fp32"])
     assert not args.bf16 and demo_args.precision_reason == "fp32 (--precision fp32)"
+    assert args.timesteps_per_forward == 1  # float32: one forward per training time
     demo_args, args = parse_demo_arguments([*out, "--precision", "bf16"])
     assert args.bf16 and args.use_cpu
+    assert args.timesteps_per_forward == args.num_train_timesteps  # CPU bf16: all times in one forward
+    _, args = parse_demo_arguments([*out, "--precision", "bf16", "--timesteps_per_forward", "2"])
+    assert args.timesteps_per_forward == 2
     demo_args, args = parse_demo_arguments([*out, "--precision", "bf16", "--bf16", "false"])
     assert not args.bf16 and "command line" in demo_args.precision_reason
     demo_args, args = parse_demo_arguments(out)
