@@ -28,7 +28,7 @@ One iteration (official "epoch"):
 Held-out evaluation every `eval_every_minutes` on the demo's 432 items, under Flow-GRPO's own protocol (ODE, CFG
 `guidance_scale`) and CFG-free, logged to `metrics.jsonl` in the demo's format (`"type": "heldout"`, `overall` is
 the own protocol's score, `cfg_free/...` the CFG-free one). Deviations from the paper's SD3.5 recipe are named fields,
-listed in docs/benchmarks_flow_grpo.md with the reason for each.
+listed in docs/benchmarks.md ("NFT against Flow-GRPO") with the reason for each.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import torch
 
 @dataclass
 class FlowGRPOConfig:
-    """Flow-GRPO's recipe. Defaults: the official SD3.5 GenEval recipe, except where noted (docs/benchmarks_flow_grpo.md)."""
+    """Flow-GRPO's recipe. Defaults: the official SD3.5 GenEval recipe, except where noted (docs/benchmarks.md ("NFT against Flow-GRPO"))."""
 
     model_name_or_path: str = field(
         default="shapes-base", metadata={"help": "Pipeline: 'shapes-base' (the shipped SD3 base) or a local path."}

@@ -6,7 +6,7 @@
 
 Runs, one after another and each in its own process with the machine to itself: `trl-nft demo` (the shipped recipe,
 trl_nft/configs/shapes_demo.yaml) and `benchmarks/flow_grpo.py` (Flow-GRPO, faithful to the official code; its
-deviations are listed in docs/benchmarks_flow_grpo.md). Both sample 16 prompts x 16 images per iteration, are rewarded
+deviations are listed in docs/benchmarks.md ("NFT against Flow-GRPO")). Both sample 16 prompts x 16 images per iteration, are rewarded
 by `shapes_reward`, start from the shipped base, run in the same precision (`--precision`, measured once by default)
 and evaluate the same 432 held-out items every `--eval_every_minutes`.
 
