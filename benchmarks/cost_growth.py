@@ -29,7 +29,7 @@ import tempfile
 import time
 
 import numpy as np
-import torch
+from memory import MALLOC_ENV, peak_since, start_peak  # benchmarks/memory.py: one way to measure peaks
 
 
 BASE = {"num_generations": 8, "resolution": 32, "num_inference_steps": 8, "num_train_timesteps": 4}
@@ -46,30 +46,6 @@ LABELS = {
     "num_train_timesteps": "training times per sample",
 }
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow square"]
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> int:
-    """Reset the peak-memory counter; returns the current resident memory in KiB (0 on CUDA)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() // 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_kib("VmRSS")
-
-
-def peak_kib() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() // 1024
-    return _rss_kib("VmHWM")
 
 
 def measure(point: dict, repeats: int) -> dict:
@@ -106,17 +82,17 @@ def measure(point: dict, repeats: int) -> dict:
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kwargs):
             marks["start"] = time.perf_counter()
-            marks["base"] = reset_peak()
+            marks["base"] = start_peak()
 
         def on_step_end(self, a, state, control, **kwargs):
             if state.global_step > 1:  # the first iteration is a warm-up
                 marks["seconds"].append(time.perf_counter() - marks["start"])
-                marks["peak"].append(peak_kib() - marks["base"])
+                marks["peak"].append(peak_since(marks["base"]))
 
     trainer = DiffusionNFTTrainer(pipe, "brightness", args=args, train_dataset=[{"prompt": p} for p in PROMPTS])
     trainer.add_callback(Timer())
     trainer.train()
-    return {"seconds": min(marks["seconds"]), "peak_mib": max(marks["peak"]) / 1024}
+    return {"seconds": min(marks["seconds"]), "peak_mib": max(marks["peak"])}
 
 
 def fit_exponent(xs, ys) -> float:
@@ -139,7 +115,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     results = {}
     print("| factor | value | s/iteration | peak MiB |\n|---|---|---|---|")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ, **MALLOC_ENV)
     for factor, values in SWEEPS.items():
         rows = []
         for value in values:

@@ -62,23 +62,42 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(fn) -> float:
-    """Peak memory (MiB) that `fn()` adds to what the process holds before it."""
+#: glibc keeps freed blocks for reuse (and raises its mmap threshold as it goes), so that resident memory would follow
+#: the allocator's history rather than the tensors alive: with a fixed threshold every tensor above 64 KiB is its own
+#: mapping, returned when freed, and runs repeat to within 1 MiB. Set in the environment of the measuring process.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def start_peak() -> int:
+    """Reset the peak-memory counter; returns what the process holds now (bytes), for `peak_since`."""
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return torch.cuda.memory_allocated()
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
-    fn()
+    return before
+
+
+def peak_since(before: int) -> float:
+    """Peak memory (MiB) added above `before` (a `start_peak()` value) since that call."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     return (_status("VmHWM") - before) / 2**20
+
+
+def measure(fn) -> float:
+    """Peak memory (MiB) that `fn()` adds to what the process holds before it."""
+    before = start_peak()
+    fn()
+    return peak_since(before)
 
 
 # ------------------------------------------------------------------------------------------------ one configuration
@@ -241,10 +260,7 @@ def main(argv=None) -> None:
     passthrough = ["--batch", str(args.batch), "--num-generations", str(args.num_generations),
                    "--num-train-timesteps", str(args.num_train_timesteps), "--threads", str(args.threads)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # glibc keeps freed blocks for reuse (and raises its mmap threshold as it goes), so that resident memory would
-    # follow the allocator's history rather than the tensors alive: with a fixed threshold every tensor above 64 KiB is
-    # its own mapping, returned when freed, and runs repeat to within 1 MiB.
-    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env.update(MALLOC_ENV)
     for model in args.models:
         for gc_on in gc_settings:
             for name in CONFIGS:
