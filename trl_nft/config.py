@@ -236,8 +236,9 @@ class DiffusionNFTConfig(TrainingArguments):
             "run as ceil(num_train_timesteps / timesteps_per_forward) forwards of per_device_train_batch_size x "
             "timesteps_per_forward rows, with gradients accumulated. Same loss and gradient for every value (up to "
             "float summation order); 1 loops over the times as the official code does and has the smallest peak "
-            "memory; larger values may be faster on a GPU with memory to spare (on a CPU, 4 x 64 was 1.3x faster "
-            "than 1 x 256: benchmarks/overhead.py)."
+            "memory; larger values may be faster where memory is to spare (on a CPU in float32, 4 x 64 rows cost "
+            "the same as to 1.33x less than 1 x 256; under CPU bf16 autocast 1 x 256 was 1.31x faster: "
+            "docs/benchmarks.md)."
         },
     )
 

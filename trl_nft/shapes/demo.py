@@ -96,7 +96,7 @@ class DemoArguments:
             "in the faster (bf16 autocast is fast only with AVX512-BF16/AMX; on an AVX2-only CPU it is several times "
             "slower); on a GPU, bf16 where supported. 'bf16' or 'fp32' to fix it. An explicit --bf16/--fp16 wins. With "
             "bf16 on a CPU the demo also stacks a sample's training times into one forward (timesteps_per_forward, "
-            "unless set), which is faster there; float32 keeps one forward per time, which is faster in float32.",
+            "unless set), which is faster there; float32 keeps one forward per time, at least as fast in float32.",
             "choices": ["auto", "bf16", "fp32"],
         },
     )
@@ -119,10 +119,13 @@ def parse_demo_arguments(argv: list[str]):
             parser.set_defaults_with_config(**yaml.safe_load(f))
         return parser.parse_args_and_config(args)
 
+    def given(*flags):
+        return any(a.split("=")[0] in flags for a in argv)
+
     demo_args, training_args = parse(argv)
-    explicit = any(a.split("=")[0] in ("--bf16", "--fp16") for a in argv)
-    if explicit:
-        chosen = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "float32"
+    if given("--bf16", "--fp16"):
+        bf16 = training_args.bf16
+        chosen = "bf16" if bf16 else "fp16" if training_args.fp16 else "float32"
         reason = f"{chosen} (set on the command line)"
     elif demo_args.precision != "auto":
         reason = f"{demo_args.precision} (--precision {demo_args.precision})"
@@ -143,13 +146,11 @@ def parse_demo_arguments(argv: list[str]):
             lambda: pipe(prompts, num_inference_steps=2, guidance_scale=1.0, output_type="pt", **kwargs)
         )
         bf16, reason = choice.bf16, choice.reason
-    extra = []
-    if not explicit and bf16 != training_args.bf16:
-        extra += ["--bf16", str(bf16).lower()]
-    cpu_bf16 = (training_args.bf16 if explicit else bf16) and not torch.cuda.is_available()
-    if cpu_bf16 and not any(a.split("=")[0] == "--timesteps_per_forward" for a in argv):
+    extra = [] if bf16 == training_args.bf16 else ["--bf16", str(bf16).lower()]
+    if bf16 and not torch.cuda.is_available() and not given("--timesteps_per_forward"):
         # Under CPU bf16 autocast one stacked forward of all training times was 1.31x faster per step than one forward
-        # per time; in float32 the per-time loop (the library default) was 1.28x faster (docs/benchmarks.md).
+        # per time; in float32 the two cost the same here and the per-time loop (the library default) was 1.33x faster
+        # on an AVX2 EPYC (docs/benchmarks.md).
         extra += ["--timesteps_per_forward", str(training_args.num_train_timesteps)]
         reason += f"; {training_args.num_train_timesteps} training times per forward"
     if extra:
