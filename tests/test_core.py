@@ -231,3 +231,25 @@ def test_soft_update():
     torch.testing.assert_close(old[0], new[0])
     with pytest.raises(ValueError):
         core.soft_update_(old, new, 1.5)
+
+
+def test_time_weights_are_one_for_flow_models_and_one_minus_t_for_epsilon():
+    t = torch.tensor([0.04, 0.5, 0.894])
+    torch.testing.assert_close(core.time_weights(t, t), torch.ones(3))
+    torch.testing.assert_close(core.time_weights(t, t / (1 - t)), 1 - t)
+
+
+def test_loss_weights_scale_each_term():
+    torch.manual_seed(0)
+    b = 4
+    v_theta, v_old, x0, noise = (torch.randn(b, 2, 3, 3) for _ in range(4))
+    t, r = torch.rand(b), torch.rand(b)
+    per_term = [
+        core.nft_loss(
+            v_theta[i : i + 1], v_old[i : i + 1], x0[i : i + 1], noise[i : i + 1], t[i : i + 1], r[i : i + 1]
+        ).loss
+        for i in range(b)
+    ]
+    w = torch.tensor([0.0, 1.0, 2.0, 0.5])
+    weighted = core.nft_loss(v_theta, v_old, x0, noise, t, r, weights=w).loss
+    torch.testing.assert_close(weighted, (torch.stack(per_term) * w).mean())

@@ -73,3 +73,22 @@ def test_cogview4_style_shift_matches_the_scheduler():
     scheduler.set_timesteps(timesteps=timesteps.tolist(), sigmas=(timesteps / 1000).tolist(), mu=1.1)
     frame = FlowFrame(scale=1000.0, shift_mu=1.1, shift_type="linear")
     torch.testing.assert_close(frame.flow_time(timesteps).float(), scheduler.sigmas[:-1].float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_output_gain_is_the_derivative_of_x0_hat_with_respect_to_the_output(prediction_type):
+    # x0_hat = x_flow - t v(output): its derivative with respect to the output, by autograd, is what the
+    # `loss_time_weighting="flow_equivalent"` weights divide by.
+    frame = _sd_frame(prediction_type)
+    t = torch.tensor([0.05, 0.3, 0.6, 0.894])
+    x_flow = torch.randn(4, 1)
+    output = torch.randn(4, 1, requires_grad=True)
+    x0_hat = x_flow - t.view(-1, 1) * frame.velocity(output, x_flow, t)
+    (grad,) = torch.autograd.grad(x0_hat.sum(), output)
+    torch.testing.assert_close(grad.abs().squeeze(1).double(), frame.output_gain(t), rtol=1e-4, atol=1e-6)
+    flow = FlowFrame(scale=1.0, sign=-1.0)
+    output_flow = torch.randn(4, 1, requires_grad=True)
+    (grad_flow,) = torch.autograd.grad(
+        (x_flow - t.view(-1, 1) * flow.velocity(output_flow, x_flow, t)).sum(), output_flow
+    )
+    torch.testing.assert_close(grad_flow.abs().squeeze(1).double(), flow.output_gain(t), rtol=1e-5, atol=1e-6)

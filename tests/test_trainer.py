@@ -572,3 +572,29 @@ def test_cpu_precision_is_chosen_by_measurement(tmp_path):
     assert choice.bf16 == (choice.float32_seconds / choice.bf16_seconds >= MIN_SPEEDUP)
     assert choice.reason.startswith("bf16 autocast" if choice.bf16 else "float32")
     assert cpu_bf16_flags() is None or set(cpu_bf16_flags()) <= {"avx512_bf16", "amx_bf16"}
+
+
+def test_flow_equivalent_time_weighting_is_a_no_op_for_flow_models_and_reweights_a_unet(tmp_path):
+    """`loss_time_weighting="flow_equivalent"` multiplies each term by `t / output_gain(t)`: 1 for SD3's velocity, so
+    the same adapter as the official loss; `1 - t` for SD1.x's epsilon, so a different adapter and a smaller loss."""
+    from trl_nft.shapes import VOCABULARY
+    from trl_nft.shapes.tiny import build_tiny_sd3_pipeline, build_tiny_sd_pipeline
+
+    for build, same in ((build_tiny_sd3_pipeline, True), (build_tiny_sd_pipeline, False)):
+        results = {}
+        for weighting in ("none", "flow_equivalent"):
+            pipe = build(VOCABULARY, "test", seed=0)
+            out = tmp_path / f"{build.__name__}-{weighting}"
+            trainer = _trainer(pipe, out, loss_time_weighting=weighting, learning_rate=1.0, optim="sgd", max_steps=1)
+            trainer.train()
+            weights = {k: v for k, v in _snapshot(pipe).items() if ".default." in k and "lora_B" in k}
+            results[weighting] = (weights, trainer.state.log_history[0]["policy_loss"])
+        (w_none, loss_none), (w_flow, loss_flow) = results["none"], results["flow_equivalent"]
+        assert any(v.abs().max() > 0 for v in w_none.values())
+        if same:
+            assert loss_flow == pytest.approx(loss_none, rel=1e-5)
+            for k, v in w_none.items():
+                torch.testing.assert_close(w_flow[k], v, rtol=1e-5, atol=1e-7)
+        else:
+            assert loss_flow < loss_none  # every weight 1 - t < 1
+            assert any(not torch.allclose(w_flow[k], v) for k, v in w_none.items())

@@ -33,6 +33,7 @@ def _has_accelerator() -> bool:
 
 
 LOSS_TYPES = ("adaptive", "velocity")
+LOSS_TIME_WEIGHTINGS = ("none", "flow_equivalent")
 SCALE_REWARDS = ("batch", "group", "none")
 DECAY_SCHEDULES = ("linear", "constant")
 REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # = trl_nft.core.REWARD_AGGREGATIONS
@@ -218,6 +219,16 @@ class DiffusionNFTConfig(TrainingArguments):
         metadata={
             "help": "'adaptive': x0-space self-normalised regression of the official code (default); 'velocity': the "
             "paper's r||v+ - v||^2 + (1-r)||v- - v||^2."
+        },
+    )
+    loss_time_weighting: str = field(
+        default="none",
+        metadata={
+            "help": "Per-time weight of the loss. 'none': the official loss, unweighted. 'flow_equivalent': multiply "
+            "each (sample, t) term by t / |d x0_hat / d output| so that a UNet gets the per-time gradient scale a "
+            "velocity (flow) model gets: 1 - t for epsilon prediction, which otherwise puts ~200x more gradient on "
+            "the noisiest time than on the cleanest. Identical to 'none' for flow-matching families. Not in the "
+            "paper (flow models only); the shapes UNet recipe uses it (docs/method.md, 'Other parameterisations')."
         },
     )
     timestep_fraction: float = field(
@@ -448,6 +459,10 @@ class DiffusionNFTConfig(TrainingArguments):
         need(self.nft_beta > 0, f"nft_beta must be > 0 (got {self.nft_beta}); the paper uses 1.0 or 0.1.")
         need(self.kl_weight >= 0, f"kl_weight must be >= 0 (got {self.kl_weight}); use 0 to disable the KL term.")
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        need(
+            self.loss_time_weighting in LOSS_TIME_WEIGHTINGS,
+            f"loss_time_weighting must be one of {LOSS_TIME_WEIGHTINGS}, got {self.loss_time_weighting!r}.",
+        )
         need(
             self.scale_rewards in SCALE_REWARDS,
             f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.",

@@ -249,6 +249,7 @@ def nft_loss(
     adv_clip_max: float = 5.0,
     v_ref: torch.Tensor | None = None,
     kl_weight: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> NFTLossOutput:
     """DiffusionNFT loss for one batch of `(sample, t)` terms, in the flow frame.
 
@@ -265,6 +266,8 @@ def nft_loss(
         adv_clip_max: the advantage clip `c`; only scales the `"adaptive"` loss, exactly as the official code does.
         v_ref: `[B, ...]` velocity of the reference (base) model, or None to skip the KL term.
         kl_weight: weight of `mean((v_theta - v_ref)^2)` (official `config.train.beta`).
+        weights: `[B]` per-term multipliers of the policy loss (stop-gradient), or None for 1 (official). The trainer
+            passes `time_weights` under `loss_time_weighting="flow_equivalent"`.
     """
     if loss_type not in ("adaptive", "velocity"):
         raise ValueError(f"loss_type must be 'adaptive' or 'velocity', got {loss_type!r}.")
@@ -287,6 +290,8 @@ def nft_loss(
         loss_pos = _mean_per_sample((v_pos - v_target) ** 2)
         loss_neg = _mean_per_sample((v_neg - v_target) ** 2)
         per_sample = r * loss_pos + (1.0 - r) * loss_neg
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.dtype)
     policy_loss = per_sample.mean()
     loss = policy_loss
     if v_ref is not None and kl_weight > 0:
@@ -297,6 +302,19 @@ def nft_loss(
         kl_value = torch.zeros((), device=v_theta.device)
     old_deviate = ((v_theta.detach() - v_old) ** 2).mean()
     return NFTLossOutput(loss=loss, policy_loss=policy_loss.detach(), kl=kl_value, old_deviate=old_deviate)
+
+
+def time_weights(t: torch.Tensor, output_gain: torch.Tensor) -> torch.Tensor:
+    """Per-term loss weights `t / output_gain(t)` (`[B]`, float32) that give every denoiser parameterisation the
+    per-time gradient scale a velocity-predicting flow model gets from the official loss.
+
+    The loss is computed on `x0_hat`, whose error is the denoiser-output error times `output_gain = |dx0_hat/d output|`:
+    `t` for a velocity model (the official code's setting, where these weights are all 1), but `t / (1 - t)` for an
+    epsilon-prediction UNet, so that SD1.x's noisiest training time would otherwise get about 200x the gradient of its
+    cleanest (against about 20x, the ratio of the times themselves, for a flow model). For epsilon prediction the weight is `1 - t`.
+    Not in the paper or the official code (flow models only); `docs/method.md` ("Other parameterisations").
+    """
+    return (t.double() / output_gain.double().clamp_min(1e-12)).float()
 
 
 def sample_training_timesteps(

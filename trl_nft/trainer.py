@@ -986,6 +986,9 @@ class DiffusionNFTTrainer(Trainer):
             if args.kl_weight > 0:
                 with self._policy("ref") as ref:
                     v_ref = self.adapter.velocity(x_t, t, cond, model=ref).float()
+        weights = None
+        if args.loss_time_weighting == "flow_equivalent":
+            weights = core.time_weights(t, self.adapter.frame.output_gain(t)).to(x0.device)
         with self.compute_loss_context_manager():
             v_theta = self.adapter.velocity(x_t, t, cond, model=model).float()
             return core.nft_loss(
@@ -1000,6 +1003,7 @@ class DiffusionNFTTrainer(Trainer):
                 adv_clip_max=args.adv_clip_max,
                 v_ref=v_ref,
                 kl_weight=args.kl_weight,
+                weights=weights,
             )
 
     # ================================================================================================ logging

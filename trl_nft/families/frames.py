@@ -88,6 +88,10 @@ class FlowFrame:
     def velocity(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.sign * output.float()
 
+    def output_gain(self, t: torch.Tensor) -> torch.Tensor:
+        """`|d x0_hat / d output|` at flow times `t` (`[B]`): `x0_hat = x - t v` and `v = ±output`, so `t`."""
+        return t.double()
+
 
 class VPFrame:
     """A variance-preserving (DDPM-family) denoiser: SD1.x (epsilon), SD2.x (v-prediction), SDXL.
@@ -181,3 +185,14 @@ class VPFrame:
             x0 = out
             eps = (x_k - alpha * x0) / sigma
         return eps - x0
+
+    def output_gain(self, t: torch.Tensor) -> torch.Tensor:
+        """`|d x0_hat / d output|` at flow times `t` (`[B]`), the factor by which an error of the denoiser's own
+        output becomes an error of the clean-sample estimate: epsilon `sigma / alpha = t / (1 - t)` (8.4 at SD1.x's
+        timestep 901, 0.04 at 1), v-prediction `sigma = t / n`, sample 1."""
+        t = t.double()
+        if self.prediction_type == "epsilon":
+            return t / (1 - t).clamp_min(1e-12)
+        if self.prediction_type == "v_prediction":
+            return t / ((1 - t) ** 2 + t**2).sqrt()
+        return torch.ones_like(t)
