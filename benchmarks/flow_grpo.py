@@ -696,7 +696,13 @@ def _heldout_record(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class _Run:
     """Wall-clock bookkeeping. The clock excludes the CFG-free second evaluation (an extra the NFT demo does not
-    make), so that both methods spend the same budget on training plus one evaluation protocol."""
+    make), so that both methods spend the same budget on training plus one evaluation protocol.
+
+    `trainer` needs `evaluate(items, guidance_scale)`, `global_step`, `iteration` (and `train_iteration(prompts)` for
+    `loop`); `config` needs `guidance_scale`, `use_cfg`, `max_minutes`, `eval_every_minutes` and `output_dir`.
+    benchmarks/ddpo.py reuses it with its own `loop`."""
+
+    name = "flow-grpo"  # the tag of printed lines
 
     def __init__(self, trainer: FlowGRPO, config: FlowGRPOConfig, items):
         self.trainer, self.config, self.items = trainer, config, items
@@ -740,7 +746,7 @@ class _Run:
         self.write(record)
         self.last_eval = self.elapsed()
         print(
-            f"[flow-grpo] held-out @ {record['minutes']:.1f} min, iteration {tr.iteration}: "
+            f"[{self.name}] held-out @ {record['minutes']:.1f} min, iteration {tr.iteration}: "
             f"{record['overall']:.3f} (CFG {cfg.guidance_scale:g}), {record['cfg_free/overall']:.3f} CFG-free",
             flush=True,
         )
@@ -760,7 +766,7 @@ class _Run:
             for record in records:
                 self.write({"type": "train", "minutes": self.elapsed() / 60, **record})
             print(
-                f"[flow-grpo] iteration {tr.iteration} (step {tr.global_step}) @ {self.elapsed() / 60:.1f} min: "
+                f"[{self.name}] iteration {tr.iteration} (step {tr.global_step}) @ {self.elapsed() / 60:.1f} min: "
                 f"reward {records[0]['reward']:.3f}, rollout {records[0]['time/rollout_s']:.0f} s, "
                 f"training {records[0]['time/train_s']:.0f} s",
                 flush=True,
@@ -787,11 +793,16 @@ def run(config: FlowGRPOConfig) -> dict[str, Any]:
                    "lora_target_modules": trainer.lora_target_modules}, f, indent=2)  # fmt: skip
     run_.loop(dataset)
     trainer.save_lora(config.output_dir)
+    return write_summary(run_, "flow-grpo-fast" if config.fast else "flow-grpo")
+
+
+def write_summary(run_: _Run, method: str) -> dict[str, Any]:
+    """Start / best / final held-out accuracy (own protocol and CFG-free) of a finished `_Run`, written to
+    `summary.json` in its output directory, printed and returned."""
     first, last = run_.history[0], run_.history[-1]
     best = max(run_.history, key=lambda r: r["overall"])
-    train_minutes = last["minutes"]
     summary = {
-        "method": "flow-grpo-fast" if config.fast else "flow-grpo",
+        "method": method,
         "start": first["overall"],
         "final": last["overall"],
         "best": {"overall": best["overall"], "minutes": best["minutes"], "iteration": best["iteration"]},
@@ -800,11 +811,11 @@ def run(config: FlowGRPOConfig) -> dict[str, Any]:
             "final": last["cfg_free/overall"],
             "best": max(r["cfg_free/overall"] for r in run_.history),
         },  # fmt: skip
-        "iterations": trainer.iteration,
-        "optimizer_steps": trainer.global_step,
-        "minutes": train_minutes,
+        "iterations": run_.trainer.iteration,
+        "optimizer_steps": run_.trainer.global_step,
+        "minutes": last["minutes"],
     }
-    with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
+    with open(os.path.join(run_.config.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
     return summary

@@ -1,8 +1,11 @@
-"""DiffusionNFT against Flow-GRPO on the shapes world: same base, reward, rollouts per iteration and wall-clock budget.
+"""DiffusionNFT against Flow-GRPO (SD3 base) and DDPO (UNet base) on the shapes world: same base, reward, rollouts
+per iteration and wall-clock budget.
 
     python benchmarks/nft_vs_grpo.py --minutes 12 --out runs/nft_vs_grpo       # NFT demo, then Flow-GRPO (~25 min)
     python benchmarks/nft_vs_grpo.py --methods nft flow-grpo flow-grpo-fast      # also the CFG-free "fast" variant
     python benchmarks/nft_vs_grpo.py --summarise runs/nft_vs_grpo                # table + plots of finished runs
+    python benchmarks/nft_vs_grpo.py --methods nft-unet ddpo --out runs/ddpo_vs_nft --minutes 20   # the UNet pair
+    python benchmarks/nft_vs_grpo.py --summarise runs/ddpo_vs_nft --nft_run DIR  # DDPO against an NFT run made apart
 
 Runs, one after another and each in its own process with the machine to itself: `trl-nft demo` (the shipped recipe,
 trl_nft/configs/shapes_demo.yaml) and `benchmarks/flow_grpo.py` (Flow-GRPO, faithful to the official code; its
@@ -10,11 +13,17 @@ deviations are listed in docs/benchmarks.md ("NFT against Flow-GRPO")). Both sam
 by `shapes_reward`, start from the shipped base, run in the same precision (`--precision`, measured once by default)
 and evaluate the same 432 held-out items every `--eval_every_minutes`.
 
+The UNet pair: `trl-nft demo --model_name_or_path shapes-unet` (its recipe, trl_nft/configs/shapes_demo_unet.yaml)
+and `benchmarks/ddpo.py` (TRL 0.23.1's DDPOTrainer, run by the separate environment's python, `.venv-ddpo/bin/python`
+from `benchmarks/ddpo_env.sh`, or `--ddpo_python`), both in float32 (DDPO's recipe here runs `mixed_precision="no"`).
+
 Prints a table (method, start / best / final held-out strict accuracy, iterations, seconds per iteration) and, for
-each Flow-GRPO run, the ratio "time for NFT to reach Flow-GRPO's best held-out accuracy / Flow-GRPO's time to reach it"
-and its inverse (NFT's speed-up), twice: under each method's own evaluation protocol (NFT CFG-free, Flow-GRPO with CFG,
-as the paper compares them) and with both CFG-free. Writes `nft_vs_grpo.png` (held-out accuracy and training reward
-against wall-clock and against iterations) and `summary.json` in the output directory.
+each baseline run, the ratio "time for NFT to reach the baseline's best held-out accuracy / the baseline's time to
+reach it" and its inverse (NFT's speed-up), twice: under each method's own evaluation protocol (NFT CFG-free, the
+baseline with CFG, as the paper compares them) and with both CFG-free. Flow-GRPO is paired with the NFT run on the SD3
+base (`<out>/nft`), DDPO with the one on the UNet base (`<out>/nft-unet`, or `--nft_run DIR`). Writes
+`nft_vs_grpo.png` (held-out accuracy and training reward against wall-clock and against iterations) and
+`summary.json` in the output directory.
 """
 
 from __future__ import annotations
@@ -28,19 +37,41 @@ import sys
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("nft", "flow-grpo", "flow-grpo-fast")
+METHODS = ("nft", "flow-grpo", "flow-grpo-fast", "nft-unet", "ddpo")
 LABELS = {
     "nft": "DiffusionNFT (demo recipe)",
     "flow-grpo": "Flow-GRPO (CFG)",
     "flow-grpo-fast": "Flow-GRPO fast (CFG-free)",
+    "nft-unet": "DiffusionNFT (UNet demo recipe)",
+    "ddpo": "DDPO (TRL 0.23.1, CFG 5)",
 }
+# Each baseline, the NFT run it is measured against (same base), and its name in the comparison's sentences.
+PEERS = {"flow-grpo": ("nft", "Flow-GRPO"), "flow-grpo-fast": ("nft", "Flow-GRPO"), "ddpo": ("nft-unet", "DDPO")}
+# Baselines evaluated under their own CFG protocol, with a CFG-free evaluation beside it (`cfg_free/overall`).
+GUIDED = ("flow-grpo", "ddpo")
+# Runs of the UNet pair: float32 whatever --precision says (DDPO's recipe here is `mixed_precision="no"`).
+FLOAT32_ONLY = ("nft-unet", "ddpo")
+DDPO_PYTHON = os.path.join(os.path.dirname(HERE), ".venv-ddpo", "bin", "python")
 
 
-def command(method: str, out: str, minutes: float, eval_every: float, bf16: bool, extra: list[str]) -> list[str]:
-    """The command line of one run."""
+def command(
+    method: str,
+    out: str,
+    minutes: float,
+    eval_every: float,
+    bf16: bool,
+    extra: list[str],
+    ddpo_python: str = DDPO_PYTHON,
+) -> list[str]:
+    """The command line of one run (`ddpo_python`: the interpreter of the environment `benchmarks/ddpo_env.sh`
+    makes, which has trl 0.23.1)."""
+    timing = ["--output_dir", out, "--max_minutes", str(minutes), "--eval_every_minutes", str(eval_every)]
+    if method == "ddpo":
+        return [ddpo_python, os.path.join(HERE, "ddpo.py"), *timing, *extra]
     common = ["--output_dir", out, "--max_minutes", str(minutes), "--bf16", str(bf16).lower()]
-    if method == "nft":
-        return [sys.executable, "-m", "trl_nft.cli", "demo", *common, "--eval_every_minutes", str(eval_every),
+    if method in ("nft", "nft-unet"):
+        base = ["--model_name_or_path", "shapes-unet"] if method == "nft-unet" else []
+        return [sys.executable, "-m", "trl_nft.cli", "demo", *base, *common, "--eval_every_minutes", str(eval_every),
                 "--disable_tqdm", "true", *extra]  # fmt: skip
     fast = ["--fast", "true"] if method == "flow-grpo-fast" else []
     return [sys.executable, os.path.join(HERE, "flow_grpo.py"), *common, "--eval_every_minutes", str(eval_every),
@@ -81,19 +112,20 @@ def resolve_precision(precision: str) -> bool:
 
 
 def steps_per_iteration(method: str, path: str) -> int:
-    """Optimizer steps per rollout batch: flow_grpo.py's `optimizer_steps_per_iteration` (its config.json), the demo's
-    `steps_per_generation` (its shipped recipe)."""
+    """Optimizer steps per rollout batch: flow_grpo.py's and ddpo.py's `optimizer_steps_per_iteration` (their
+    config.json), the demo's `steps_per_generation` (its shipped recipe for the base)."""
+    nft = method in ("nft", "nft-unet")
     config = os.path.join(path, "config.json")
-    if method != "nft" and os.path.isfile(config):
+    if not nft and os.path.isfile(config):
         with open(config) as f:
             return int(json.load(f).get("optimizer_steps_per_iteration", 2))
-    if method != "nft":
+    if not nft:
         return 2
     import yaml
 
-    from trl_nft.shapes.demo import DEMO_CONFIG
+    from trl_nft.shapes.demo import DEMO_CONFIG, DEMO_CONFIG_UNET
 
-    with open(DEMO_CONFIG) as f:
+    with open(DEMO_CONFIG_UNET if method == "nft-unet" else DEMO_CONFIG) as f:
         return int(yaml.safe_load(f).get("steps_per_generation", 1))
 
 
@@ -142,8 +174,9 @@ def first_reaching(held: list[dict], target: float, key: str = "overall") -> dic
     return None
 
 
-def compare(nft: dict, peer: dict, peer_key: str, name: str) -> dict:
-    """NFT's time to the peer's best accuracy (read with `peer_key`) against the peer's own time to it."""
+def compare(nft: dict, peer: dict, peer_key: str, name: str, peer_name: str = "Flow-GRPO") -> dict:
+    """NFT's time to the peer's best accuracy (read with `peer_key`) against the peer's own time to it; `peer_name`
+    names the peer in the returned `text`."""
     values = [r[peer_key] for r in peer["held"] if r.get(peer_key) is not None]
     # The first evaluation at the best value (float noise of the mean of tags must not make a tie look like progress).
     best = first_reaching(peer["held"], max(values) - 1e-9, peer_key)
@@ -153,29 +186,34 @@ def compare(nft: dict, peer: dict, peer_key: str, name: str) -> dict:
     nft_best = max(r["overall"] for r in nft["held"])
     if reach is None:
         out.update(reached=False, text=(
-            f"NFT never reached Flow-GRPO's best {target:.3f} ({name}) within {nft['minutes']:.1f} min "
-            f"(NFT's best {nft_best:.3f}); Flow-GRPO reached it at {t_peer:.1f} min"
+            f"NFT never reached {peer_name}'s best {target:.3f} ({name}) within {nft['minutes']:.1f} min "
+            f"(NFT's best {nft_best:.3f}); {peer_name} reached it at {t_peer:.1f} min"
             f"{' (its starting point)' if best is peer['held'][0] else ''}."))  # fmt: skip
         return out
     t_nft = reach["minutes"]
     out.update(reached=True, nft_minutes=t_nft, nft_iteration=reach["iteration"])
     if best is peer["held"][0] or t_peer <= 0:
         out.update(text=(
-            f"Flow-GRPO's best {target:.3f} ({name}) is its starting point (the base, no training), which NFT "
+            f"{peer_name}'s best {target:.3f} ({name}) is its starting point (the base, no training), which NFT "
             f"reaches at {t_nft:.1f} min; no time ratio."))  # fmt: skip
         return out
     ratio = t_nft / t_peer
     out.update(ratio=ratio, speedup=1 / ratio if ratio > 0 else math.inf)
     out["text"] = (
-        f"Flow-GRPO's best {target:.3f} ({name}): Flow-GRPO {t_peer:.1f} min (iteration {best['iteration']}), "
-        f"NFT {t_nft:.1f} min (iteration {reach['iteration']}): time ratio NFT / Flow-GRPO = {ratio:.2f}, "
+        f"{peer_name}'s best {target:.3f} ({name}): {peer_name} {t_peer:.1f} min (iteration {best['iteration']}), "
+        f"NFT {t_nft:.1f} min (iteration {reach['iteration']}): time ratio NFT / {peer_name} = {ratio:.2f}, "
         f"NFT speed-up {out['speedup']:.1f}x."
     )
     return out
 
 
-def summarise(root: str) -> str:
-    runs = {m: read_run(os.path.join(root, m), steps_per_iteration(m, os.path.join(root, m))) for m in METHODS}
+def summarise(root: str, nft_run: str | None = None) -> str:
+    """The table, the comparisons and the plot of the finished runs under `root` (`<root>/<method>/metrics.jsonl`);
+    `nft_run`: a demo output directory on the UNet base to pair with DDPO instead of `<root>/nft-unet`."""
+    paths = {m: os.path.join(root, m) for m in METHODS}
+    if nft_run is not None:
+        paths["nft-unet"] = nft_run
+    runs = {m: read_run(path, steps_per_iteration(m, path)) for m, path in paths.items()}
     runs = {m: r for m, r in runs.items() if r is not None}
     if not runs:
         return f"No finished runs (metrics.jsonl with held-out records) under {root}/{{{','.join(METHODS)}}}."
@@ -194,21 +232,32 @@ def summarise(root: str) -> str:
             f"{best['iteration']}) | {held[-1]['overall']:.3f} | {free_cell} | {run['iterations']} | "
             f"{run['optimizer_steps']} | {run['seconds_per_iteration']:.1f} |"
         )
-    comparisons = []
-    if "nft" in runs:
-        for peer in ("flow-grpo", "flow-grpo-fast"):
-            if peer in runs:
-                own = "own protocols: NFT CFG-free, Flow-GRPO CFG" if peer == "flow-grpo" else "both CFG-free"
-                comparisons.append({"peer": peer, **compare(runs["nft"], runs[peer], "overall", own)})
-                if peer == "flow-grpo":
-                    comparisons.append({"peer": peer, **compare(runs["nft"], runs[peer], "cfg_free/overall",
-                                                                 "both CFG-free")})  # fmt: skip
+    comparisons, notes = [], []
+    for peer, (nft, peer_name) in PEERS.items():
+        if nft not in runs or peer not in runs:
+            continue
+        if peer in GUIDED:
+            own = f"own protocols: NFT CFG-free, {peer_name} CFG"
+            comparisons.append({"peer": peer, "nft": nft, **compare(runs[nft], runs[peer], "overall", own, peer_name)})
+            comparisons.append({"peer": peer, "nft": nft, **compare(runs[nft], runs[peer], "cfg_free/overall",
+                                                                     "both CFG-free", peer_name)})  # fmt: skip
+        else:
+            comparisons.append({"peer": peer, "nft": nft, **compare(runs[nft], runs[peer], "overall",
+                                                                     "both CFG-free", peer_name)})  # fmt: skip
+        # Both runs start from the same base, evaluated CFG-free on the same items and seeds: their first scores
+        # agree unless the runs used different bases or precisions, which would make the pairing meaningless.
+        nft_start, peer_start = runs[nft]["held"][0]["overall"], runs[peer]["held"][0].get("cfg_free/overall")
+        if peer_start is not None and abs(nft_start - peer_start) > 0.01:
+            notes.append(
+                f"- Warning: {LABELS[nft]} starts at {nft_start:.3f} CFG-free, {LABELS[peer]} at {peer_start:.3f}: "
+                "not the same base, precision or held-out items?"
+            )
     text = "\n".join(lines)
-    if comparisons:
-        text += "\n\n" + "\n".join(f"- {LABELS[c['peer']]}: {c['text']}" for c in comparisons)
+    if comparisons or notes:
+        text += "\n\n" + "\n".join([*(f"- {LABELS[c['peer']]}: {c['text']}" for c in comparisons), *notes])
     with open(os.path.join(root, "summary.json"), "w") as f:
         json.dump({"runs": {m: {k: v for k, v in r.items() if k not in ("held", "rollouts")} for m, r in runs.items()},
-                   "comparisons": comparisons}, f, indent=2)  # fmt: skip
+                   "comparisons": comparisons, "nft_run": nft_run}, f, indent=2)  # fmt: skip
     plot(runs, os.path.join(root, "nft_vs_grpo.png"))
     return text
 
@@ -219,15 +268,21 @@ def plot(runs: dict[str, dict], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"nft": "tab:red", "flow-grpo": "tab:blue", "flow-grpo-fast": "tab:green"}
+    colours = {
+        "nft": "tab:red",
+        "flow-grpo": "tab:blue",
+        "flow-grpo-fast": "tab:green",
+        "nft-unet": "tab:orange",
+        "ddpo": "tab:purple",
+    }
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
     for col, x in enumerate(("minutes", "iteration")):
         ax = axes[0][col]
         for m, run in runs.items():
             held = run["held"]
             ax.plot([r[x] for r in held], [r["overall"] for r in held], "o-", color=colours[m], lw=2, ms=4,
-                    label=LABELS[m] + (" (own protocol)" if m == "flow-grpo" else ""))  # fmt: skip
-            if m == "flow-grpo":
+                    label=LABELS[m] + (" (own protocol)" if m in GUIDED else ""))  # fmt: skip
+            if m in GUIDED:
                 free = [(r[x], r["cfg_free/overall"]) for r in held if r.get("cfg_free/overall") is not None]
                 ax.plot(
                     *zip(*free, strict=True),
@@ -236,7 +291,7 @@ def plot(runs: dict[str, dict], out: str) -> None:
                     lw=1.2,
                     ms=3,
                     alpha=0.7,
-                    label="Flow-GRPO, CFG-free eval",
+                    label=f"{PEERS[m][1]}, CFG-free eval",
                 )
         ax.set_ylabel("held-out strict accuracy (432 items)")
         ax.grid(alpha=0.3)
@@ -257,7 +312,8 @@ def plot(runs: dict[str, dict], out: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower right")
     axes[1][0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("DiffusionNFT vs Flow-GRPO on the shapes world (same base, reward, rollouts, wall-clock)")
+    names = " and ".join(dict.fromkeys(PEERS[m][1] for m in runs if m in PEERS)) or "its baselines"
+    fig.suptitle(f"DiffusionNFT vs {names} on the shapes world (same base, reward, rollouts, wall-clock)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -274,18 +330,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nft_args", nargs=argparse.REMAINDER, default=[],
                         help="extra flags for `trl-nft demo` (must come last)")  # fmt: skip
     parser.add_argument("--grpo_args", nargs="*", default=[], help="extra flags for flow_grpo.py (e.g. --seed 1)")
+    parser.add_argument("--ddpo_args", nargs="*", default=[], help="extra flags for ddpo.py (e.g. --seed 1)")
+    parser.add_argument("--ddpo_python", default=DDPO_PYTHON,
+                        help="python of the trl 0.23.1 environment (benchmarks/ddpo_env.sh)")  # fmt: skip
     parser.add_argument("--summarise", metavar="DIR", help="only print the table and re-plot the finished runs in DIR")
+    parser.add_argument("--nft_run", metavar="DIR",
+                        help="an NFT run on the UNet base (`trl-nft demo --model_name_or_path shapes-unet` output) "
+                             "to pair with DDPO instead of <out>/nft-unet")  # fmt: skip
     args = parser.parse_args(argv)
     if args.summarise:
-        print(summarise(args.summarise))
+        print(summarise(args.summarise, args.nft_run))
         return
-    bf16 = resolve_precision(args.precision)
+    if "ddpo" in args.methods and not os.path.isfile(args.ddpo_python):
+        parser.error(f"--ddpo_python {args.ddpo_python} does not exist: run `bash benchmarks/ddpo_env.sh` first.")
+    bf16 = any(m not in FLOAT32_ONLY for m in args.methods) and resolve_precision(args.precision)
+    extras = {"nft": args.nft_args, "nft-unet": args.nft_args, "ddpo": args.ddpo_args}
     for method in args.methods:
-        extra = args.nft_args if method == "nft" else args.grpo_args
-        cmd = command(method, os.path.join(args.out, method), args.minutes, args.eval_every_minutes, bf16, extra)
+        cmd = command(method, os.path.join(args.out, method), args.minutes, args.eval_every_minutes,
+                      bf16 and method not in FLOAT32_ONLY, extras.get(method, args.grpo_args), args.ddpo_python)  # fmt: skip
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    print(summarise(args.out))
+    print(summarise(args.out, args.nft_run))
 
 
 if __name__ == "__main__":
