@@ -146,6 +146,11 @@ def test_demo_picks_the_unet_recipe_by_base_name():
     assert demo_config_for(["--model_name_or_path", "shapes-unet"]) == DEMO_CONFIG_UNET
     assert demo_config_for(["--model_name_or_path=shapes-unet", "--max_minutes", "1"]) == DEMO_CONFIG_UNET
     assert demo_config_for(["--model_name_or_path", "shapes-base"]) == demo_config_for([]) == DEMO_CONFIG
+    # A directory is read: a UNet base regenerated or continued by `pretrain --family sd` gets the UNet recipe.
+    from trl_nft.shapes.pretrain import resolve_base_path
+
+    assert demo_config_for(["--model_name_or_path", resolve_base_path("shapes-unet")]) == DEMO_CONFIG_UNET
+    assert demo_config_for(["--model_name_or_path", resolve_base_path("shapes-base")]) == DEMO_CONFIG
     with open(DEMO_CONFIG_UNET) as f:
         recipe = yaml.safe_load(f)
     assert recipe["model_name_or_path"] == "shapes-unet" and "conv1" in recipe["lora_target_modules"]

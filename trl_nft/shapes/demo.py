@@ -41,14 +41,20 @@ DEMO_CONFIG_UNET = os.path.join(os.path.dirname(DEMO_CONFIG), "shapes_demo_unet.
 
 
 def demo_config_for(argv: list[str]) -> str:
-    """The shipped recipe for the base named on the command line (`--model_name_or_path`):
-    `DEMO_CONFIG_UNET` for `shapes-unet`, `DEMO_CONFIG` otherwise."""
+    """The shipped recipe for the base named on the command line (`--model_name_or_path`): `DEMO_CONFIG_UNET` for
+    `shapes-unet` or a directory holding a `StableDiffusionPipeline` (a UNet base regenerated or continued by
+    `trl_nft.shapes.pretrain --family sd`), `DEMO_CONFIG` otherwise."""
     for i, arg in enumerate(argv):
         name, sep, value = arg.partition("=")
         if name in ("--model_name_or_path", "--model-name-or-path"):
             value = value if sep else (argv[i + 1] if i + 1 < len(argv) else "")
             if value in ("shapes-unet", "unet"):
                 return DEMO_CONFIG_UNET
+            index = os.path.join(value, "model_index.json")
+            if os.path.isfile(index):
+                with open(index) as f:
+                    if json.load(f).get("_class_name") == "StableDiffusionPipeline":
+                        return DEMO_CONFIG_UNET
     return DEMO_CONFIG
 
 
