@@ -380,12 +380,10 @@ class ShapesDDPO:
 
     def evaluate(self, items, guidance_scale: float) -> dict[str, Any]:
         """The demo's held-out evaluation (the pipeline's own DDIM sampler, eta 0, fixed seeds) of the current LoRA."""
+        from trl_nft.families.adapter import eval_mode
         from trl_nft.shapes.evaluate import evaluate_pipeline
 
-        unet = self.sd_pipeline.unet
-        was_training = unet.training
-        unet.eval()
-        try:
+        with eval_mode(self.sd_pipeline.unet):
             return evaluate_pipeline(
                 self.sd_pipeline,
                 items,
@@ -393,8 +391,6 @@ class ShapesDDPO:
                 guidance_scale=guidance_scale,
                 batch_size=144,
             )
-        finally:
-            unet.train(was_training)
 
     def save_lora(self, output_dir: str) -> None:
         """The trained LoRA in diffusers format (`StableDiffusionPipeline.load_lora_weights(output_dir)`)."""

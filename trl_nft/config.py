@@ -228,7 +228,8 @@ class DiffusionNFTConfig(TrainingArguments):
             "each (sample, t) term by t / |d x0_hat / d output| so that a UNet gets the per-time gradient scale a "
             "velocity (flow) model gets: 1 - t for epsilon prediction, which otherwise puts ~200x more gradient on "
             "the noisiest time than on the cleanest. Identical to 'none' for flow-matching families. Not in the "
-            "paper (flow models only); the shapes UNet recipe uses it (docs/method.md, 'Other parameterisations')."
+            "paper (flow models only); the shapes UNet recipe uses it (docs/families.md, 'The flow frame for every "
+            "parameterisation')."
         },
     )
     timestep_fraction: float = field(

@@ -311,8 +311,9 @@ def time_weights(t: torch.Tensor, output_gain: torch.Tensor) -> torch.Tensor:
     The loss is computed on `x0_hat`, whose error is the denoiser-output error times `output_gain = |dx0_hat/d output|`:
     `t` for a velocity model (the official code's setting, where these weights are all 1), but `t / (1 - t)` for an
     epsilon-prediction UNet, so that SD1.x's noisiest training time would otherwise get about 200x the gradient of its
-    cleanest (against about 20x, the ratio of the times themselves, for a flow model). For epsilon prediction the weight is `1 - t`.
-    Not in the paper or the official code (flow models only); `docs/method.md` ("Other parameterisations").
+    cleanest (against about 20x, the ratio of the times themselves, for a flow model). For epsilon prediction the
+    weight is `1 - t`. Not in the paper or the official code (flow models only); `docs/families.md` ("The flow frame
+    for every parameterisation").
     """
     return (t.double() / output_gain.double().clamp_min(1e-12)).float()
 
