@@ -12,7 +12,11 @@ def _clock(tmp_path, **args):
 
     trainer_args = SimpleNamespace(per_device_train_batch_size=64, gradient_accumulation_steps=1, world_size=1, **args)
     return HeldoutEvalCallback(
-        SimpleNamespace(args=trainer_args), [], str(tmp_path), every_seconds=60, max_seconds=15 * 60
+        SimpleNamespace(args=trainer_args, is_world_process_zero=lambda: True),
+        [],
+        str(tmp_path),
+        every_seconds=60,
+        max_seconds=15 * 60,
     )
 
 

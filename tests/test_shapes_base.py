@@ -281,6 +281,10 @@ def test_pretrain_script_is_deterministic_and_loads_offline(tmp_path):
         (weights_a,) = (tmp_path / "a" / part).glob("*.safetensors")
         a, c = load_file(weights_a), load_file(tmp_path / "c" / part / weights_a.name)
         assert all(torch.equal(a[k], c[k]) for k in a) == same, part
+    # Its configs are the first stage's, byte for byte: no load-time path or flag is saved into the base.
+    configs = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.json"))
+    for name in (n for n in configs if n.name != "pretrain_config.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "c" / name).read_text(), name
 
 
 def test_pretrain_learning_rate_schedule():

@@ -152,6 +152,13 @@ def parse_demo_arguments(argv: list[str]):
             lambda: pipe(prompts, num_inference_steps=2, guidance_scale=1.0, output_type="pt", **kwargs)
         )
         bf16, reason = choice.bf16, choice.reason
+        if training_args.world_size > 1:
+            # Every process timed the two precisions (sharing the cores as they will in training); all train in process
+            # 0's choice, since processes in other precisions would not be one data-parallel run.
+            from accelerate.utils import broadcast_object_list
+
+            bf16, reason = broadcast_object_list([bf16, reason], from_process=0)
+            reason += f" (process 0 of {training_args.world_size})"
     extra = [] if bf16 == training_args.bf16 else ["--bf16", str(bf16).lower()]
     if bf16 and not torch.cuda.is_available() and not given("--timesteps_per_forward"):
         # Under CPU bf16 autocast one stacked forward of all training times was 1.31x faster per step than one forward
@@ -159,6 +166,18 @@ def parse_demo_arguments(argv: list[str]):
         # on an AVX2 EPYC (docs/benchmarks.md).
         extra += ["--timesteps_per_forward", str(training_args.num_train_timesteps)]
         reason += f"; {training_args.num_train_timesteps} training times per forward"
+    world = training_args.world_size
+    if world > 1 and not given("--per_device_train_batch_size"):
+        # The recipe's batch is per optimizer step of the whole run (64 samples, 256 rollouts per iteration): N
+        # processes split it, so that `accelerate launch --num_processes N` runs the same recipe on more cores.
+        per_device = training_args.per_device_train_batch_size
+        if per_device % world:
+            raise ValueError(
+                f"per_device_train_batch_size {per_device} of the demo recipe does not split over {world} processes: "
+                "set --per_device_train_batch_size to the batch each process should train on."
+            )
+        extra += ["--per_device_train_batch_size", str(per_device // world)]
+        reason += f"; {world} processes of {per_device // world} samples per optimizer step each"
     if extra:
         demo_args, training_args = parse([*argv, *extra])
     demo_args.precision_reason = reason
@@ -186,7 +205,12 @@ def parse_tag_weights(spec: str) -> dict[str, int] | None:
 class HeldoutEvalCallback(TrainerCallback):
     """Evaluates the trained policy on the fixed held-out items every `every_seconds` of wall-clock, records the
     GenEval-style table in `metrics.jsonl`, logs `eval_heldout/*` to the trackers with an image grid, and stops
-    training after `max_seconds`."""
+    training after `max_seconds`.
+
+    Under several processes (`accelerate launch --multi_gpu --num_processes N`) each process samples and judges every
+    N-th item and the records are gathered back into item order (each image depends only on its item's seed, so the
+    result is the one-process result); process 0 reads the clock and broadcasts when to evaluate and when to stop,
+    so that every process takes the same branch, and it alone writes `metrics.jsonl`."""
 
     def __init__(self, trainer, items, output_dir: str, *, every_seconds: float, max_seconds: float, steps: int = 10):
         self.trainer = trainer
@@ -195,8 +219,10 @@ class HeldoutEvalCallback(TrainerCallback):
         self.max_seconds = max_seconds
         self.steps = steps
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
-        os.makedirs(output_dir, exist_ok=True)
-        open(self.metrics_path, "w").close()
+        self.is_main = trainer.is_world_process_zero()
+        if self.is_main:
+            os.makedirs(output_dir, exist_ok=True)
+            open(self.metrics_path, "w").close()
         self.start = time.perf_counter()
         self.last_eval = -math.inf
         self.history: list[dict[str, Any]] = []
@@ -211,21 +237,45 @@ class HeldoutEvalCallback(TrainerCallback):
         return time.perf_counter() - self.start
 
     def _write(self, record: dict[str, Any]):
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _sample_and_judge(self) -> tuple[dict[str, Any], torch.Tensor]:
+        """The evaluation of all items and their images `[N, 3, H, W]`, split over the processes."""
+        from accelerate.utils import gather_object
+
+        from .evaluate import evaluate_pipeline, summarise
+
+        accelerator = self.trainer.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        with self.trainer.evaluation_weights() as pipeline:
+            local = evaluate_pipeline(
+                pipeline, self.items[rank::world], num_inference_steps=self.steps, batch_size=144, return_images=True
+            )
+        if world == 1:
+            return local, local.pop("images")
+        parts = gather_object([(local["per_item"], local["images"])])  # one (records, images) pair per process
+        # Item i was process (i % world)'s (i // world)-th.
+        order = [(i % world, i // world) for i in range(len(self.items))]
+        per_item = [parts[p][0][j] for p, j in order]
+        images = torch.stack([parts[p][1][j] for p, j in order])
+        return summarise(per_item), images
+
+    def _decide(self, decision: str | None) -> str | None:
+        """Process 0's decision (its clock), the same on every process."""
+        if self.trainer.accelerator.num_processes == 1:
+            return decision
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([decision], from_process=0)[0]
 
     def evaluate(self, step: int) -> dict[str, Any]:
-        from .evaluate import evaluate_pipeline
-
         t0 = time.perf_counter()
         self.phase = "held-out eval"
-        with self.trainer.evaluation_weights() as pipeline:
-            result = evaluate_pipeline(
-                pipeline, self.items, num_inference_steps=self.steps, batch_size=144, return_images=True
-            )
+        result, images = self._sample_and_judge()
         self.eval_seconds += time.perf_counter() - t0
         self.phase = "training"
-        images = result.pop("images")
         if self.first_images is None:
             self.first_images, self.first_result = images, result
         self.last_images, self.last_result = images, result
@@ -261,7 +311,7 @@ class HeldoutEvalCallback(TrainerCallback):
         samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         expected = REFERENCE_SECONDS_PER_STEP * samples / 64
         measured = (self.elapsed() - self.eval_seconds) / step
-        if measured > SLOW_FACTOR * expected:
+        if measured > SLOW_FACTOR * expected and self.is_main:
             budget = max(self.max_seconds - self.elapsed(), 0.0)
             logger.warning(
                 f"The demo runs at {measured:.1f} s per optimizer step, {measured / expected:.1f}x slower than the "
@@ -282,9 +332,15 @@ class HeldoutEvalCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.check_pace(state.global_step)
+        decision = None
         if self.elapsed() >= self.max_seconds:
-            control.should_training_stop = True
+            decision = "stop"
         elif self.elapsed() - self.last_eval >= self.every_seconds:
+            decision = "evaluate"
+        decision = self._decide(decision)
+        if decision == "stop":
+            control.should_training_stop = True
+        elif decision == "evaluate":
             self.evaluate(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -477,6 +533,8 @@ def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
         if progress is not None:
             progress.close()
     trainer.save_model(out)
+    if not trainer.is_world_process_zero():
+        return {}
 
     first, last = callback.history[0], callback.history[-1]
     best = max(callback.history, key=lambda r: r["overall"])

@@ -89,6 +89,15 @@ def evaluate_pipeline(
         batch_size=batch_size,
         max_sequence_length=max_sequence_length,
     )
+    out = summarise(judge_images(items, images))
+    if return_images:
+        out["images"] = images
+    return out
+
+
+def judge_images(items: Sequence[tuple[PromptSpec, int]], images: torch.Tensor) -> list[dict[str, Any]]:
+    """Judge images `[N, 3, H, W]` in [0, 1] against their items: one `{"tag", "prompt", "seed", "partial",
+    "strict", "checks"}` record per item, in order."""
     arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     per_item = []
     for (spec, seed), array in zip(items, arrays, strict=True):
@@ -103,13 +112,18 @@ def evaluate_pipeline(
                 "checks": result.checks,
             }
         )
-    out: dict[str, Any] = {
+    return per_item
+
+
+def summarise(per_item: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The evaluation's numbers from per-item records (`judge_images`): `{"table", "partial", "strict", "n",
+    "per_item"}` as `evaluate_pipeline` returns them. Records judged on several processes and put back in item order
+    give the one-process result: every item's image depends only on its own seed."""
+    per_item = list(per_item)
+    return {
         "table": geneval_table((r["tag"], r["strict"]) for r in per_item),
         "partial": float(np.mean([r["partial"] for r in per_item])),
         "strict": float(np.mean([r["strict"] for r in per_item])),
-        "n": len(items),
+        "n": len(per_item),
         "per_item": per_item,
     }
-    if return_images:
-        out["images"] = images
-    return out

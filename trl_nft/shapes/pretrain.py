@@ -408,7 +408,7 @@ def pretrain(config: PretrainConfig):
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     if config.init_from is not None:
-        pipe = load_base_pipeline(config.init_from)
+        pipe = _forget_load_records(load_base_pipeline(config.init_from))
         logger.info("continuing from %s; its VAE is kept", resolve_base_path(config.init_from))
     elif config.family == "sd":
         from .tiny import build_tiny_sd_pipeline
@@ -485,6 +485,34 @@ def _parse_args(argv: list[str] | None) -> PretrainConfig:
         flags = dict.fromkeys(("--" + name.replace("_", "-"), "--" + name))
         parser.add_argument(*flags, dest=name, type=kind, default=value, help=f"default: {value}")
     return PretrainConfig(**vars(parser.parse_args(argv)))
+
+
+# What loading adds to a tokenizer's saved config beyond what building it wrote: load-time flags and defaults.
+_TOKENIZER_LOAD_KEYS = (
+    "name_or_path",
+    "is_local",
+    "local_files_only",
+    "pad_token_type_id",
+    "padding_side",
+    "max_length",
+    "pad_to_multiple_of",
+)
+
+
+def _forget_load_records(pipe):
+    """Drop what loading recorded (`_name_or_path`, this machine's path, in each diffusers config; load flags in the
+    tokenizer's), so that a base continued with `--init-from` saves the same files a base built from scratch does."""
+    from diffusers.configuration_utils import FrozenDict
+
+    for component in (pipe, *pipe.components.values()):
+        internal = getattr(component, "_internal_dict", None)
+        if internal is not None and "_name_or_path" in internal:
+            component._internal_dict = FrozenDict({k: v for k, v in internal.items() if k != "_name_or_path"})
+        init_kwargs = getattr(component, "init_kwargs", None)
+        if isinstance(init_kwargs, dict):
+            for key in _TOKENIZER_LOAD_KEYS:
+                init_kwargs.pop(key, None)
+    return pipe
 
 
 def main(argv: list[str] | None = None) -> None:
