@@ -96,7 +96,8 @@ def time_trainer(trainer, iterations: int) -> tuple[Clock, float]:
     clock.wrap(trainer, "_collect_rewards", "reward")
     clock.wrap(trainer, "_conditioning", "conditioning")
     clock.wrap(trainer, "_cache_prompts", "conditioning")
-    clock.wrap(trainer, "_nft_chunk", "forward")
+    clock.wrap(trainer, "_frozen_velocities", "forward")  # the old (and reference) policy's forwards
+    clock.wrap(trainer, "_nft_chunk", "forward")  # the trained policy's forward and the loss
     clock.wrap(trainer.accelerator, "backward", "backward")
     marks = {}
 

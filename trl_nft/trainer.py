@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import gather_object
@@ -79,6 +79,16 @@ def _make_config_serialisable(model: torch.nn.Module) -> None:
     config = getattr(model, "_internal_dict", None)
     if isinstance(config, FrozenDict) and not hasattr(config, "to_json_string"):
         model._internal_dict = TrainerFriendlyConfig(config)
+
+
+class _Chunk(NamedTuple):
+    """`k` training times of every sample of a micro-batch, stacked time-major into `[k B, ...]` rows."""
+
+    k: int
+    x0: torch.Tensor  # clean samples, repeated k times
+    t: torch.Tensor  # [k B] flow times
+    noise: torch.Tensor
+    x_t: torch.Tensor  # (1 - t) x0 + t noise
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -947,19 +957,20 @@ class DiffusionNFTTrainer(Trainer):
         # gradients of each chunk weighted by its share give the same gradient as one stacked forward, at the peak
         # memory of one chunk.
         per_forward = min(args.timesteps_per_forward, num_t)
-        chunks = [(j, min(j + per_forward, num_t)) for j in range(0, num_t, per_forward)]
-        tiled = {}
+        chunks = []
+        for lo in range(0, num_t, per_forward):
+            hi = min(lo + per_forward, num_t)
+            chunks.append(self._noised(x0, t[lo:hi].reshape(-1), noise[lo:hi].flatten(0, 1)))
+        tiled = {chunk.k: self.adapter.tile(cond, chunk.k) for chunk in chunks}
+        frozen = self._frozen_velocities(chunks, tiled)
         total, stats = 0.0, torch.zeros(3)
-        for i, (lo, hi) in enumerate(chunks):
-            k = hi - lo
-            if k not in tiled:
-                tiled[k] = self.adapter.tile(cond, k)
-            share = k / num_t
+        for i, chunk in enumerate(chunks):
+            share = chunk.k / num_t
             # Gradients are all-reduced once per micro-batch, on its last chunk (the Trainer's own no_sync covers the
             # earlier micro-batches of an accumulation).
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.accelerator.no_sync(model)
             with sync:
-                out = self._nft_chunk(model, x0, r, t[lo:hi].reshape(-1), noise[lo:hi].flatten(0, 1), tiled[k])
+                out = self._nft_chunk(model, chunk, r, tiled[chunk.k], *frozen[i])
                 loss = out.loss * share / self.current_gradient_accumulation_steps
                 self.accelerator.backward(loss)
             total += loss.detach()
@@ -971,33 +982,45 @@ class DiffusionNFTTrainer(Trainer):
         self._step += 1
         return total
 
-    def _nft_chunk(self, model, x0, r, t, noise, cond) -> core.NFTLossOutput:
-        """The NFT loss of `k` training times of every sample of the micro-batch: `t`/`noise` are `[k B]`/`[k B, ...]`
-        (time-major, matching `x0.repeat(k, ...)`), `cond` the conditioning tiled `k` times."""
-        args = self.args
+    @staticmethod
+    def _noised(x0, t, noise) -> _Chunk:
+        """`k` training times of every sample of the micro-batch: `t`/`noise` are `[k B]`/`[k B, ...]` (time-major,
+        matching `x0.repeat(k, ...)`); `x_t = (1 - t) x0 + t noise` (the forward process, flow frame)."""
         k = t.shape[0] // x0.shape[0]
         x0_rep = x0.repeat(k, *([1] * (x0.dim() - 1)))
         tb = t.view(-1, *([1] * (x0.dim() - 1)))
-        x_t = (1 - tb) * x0_rep + tb * noise
-        with torch.no_grad(), self.compute_loss_context_manager():
+        return _Chunk(k=k, x0=x0_rep, t=t, noise=noise, x_t=(1 - tb) * x0_rep + tb * noise)
+
+    @torch.no_grad()
+    def _frozen_velocities(self, chunks: list[_Chunk], tiled: dict[int, dict]) -> list[tuple]:
+        """`(v_old, v_ref)` of every chunk (`v_ref` None without KL). All chunks go through one policy before the next,
+        as the official code and Flow-Factory order them: switching peft adapters walks every LoRA layer, so one switch
+        per micro-batch instead of one per chunk (the predictions are the same)."""
+        with self.compute_loss_context_manager():
             with self._policy("old") as old:
-                v_old = self.adapter.velocity(x_t, t, cond, model=old).float()
-            v_ref = None
-            if args.kl_weight > 0:
+                v_old = [self.adapter.velocity(c.x_t, c.t, tiled[c.k], model=old).float() for c in chunks]
+            v_ref = [None] * len(chunks)
+            if self.args.kl_weight > 0:
                 with self._policy("ref") as ref:
-                    v_ref = self.adapter.velocity(x_t, t, cond, model=ref).float()
+                    v_ref = [self.adapter.velocity(c.x_t, c.t, tiled[c.k], model=ref).float() for c in chunks]
+        return list(zip(v_old, v_ref, strict=True))
+
+    def _nft_chunk(self, model, chunk: _Chunk, r, cond, v_old, v_ref) -> core.NFTLossOutput:
+        """The NFT loss of a chunk's `k` training times of every sample, with the trained policy's forward; `cond` is
+        the conditioning tiled `k` times, `v_old`/`v_ref` the frozen policies' predictions (`_frozen_velocities`)."""
+        args = self.args
         weights = None
         if args.loss_time_weighting == "flow_equivalent":
-            weights = core.time_weights(t, self.adapter.frame.output_gain(t)).to(x0.device)
+            weights = core.time_weights(chunk.t, self.adapter.frame.output_gain(chunk.t)).to(chunk.x0.device)
         with self.compute_loss_context_manager():
-            v_theta = self.adapter.velocity(x_t, t, cond, model=model).float()
+            v_theta = self.adapter.velocity(chunk.x_t, chunk.t, cond, model=model).float()
             return core.nft_loss(
                 v_theta,
                 v_old,
-                x0_rep,
-                noise,
-                t,
-                r.repeat(k),
+                chunk.x0,
+                chunk.noise,
+                chunk.t,
+                r.repeat(chunk.k),
                 beta=args.nft_beta,
                 loss_type=args.loss_type,
                 adv_clip_max=args.adv_clip_max,

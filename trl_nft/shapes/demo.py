@@ -182,6 +182,14 @@ def parse_demo_arguments(argv: list[str]):
         demo_args, training_args = parse([*argv, *extra])
     demo_args.precision_reason = reason
     logger.warning(f"trl-nft demo: training precision {reason}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if world == 1 and not torch.cuda.is_available() and cores > 1:
+        # One process keeps about 1.5 of 2 cores busy (the tiny model's per-operator overhead runs on one core); one
+        # process per core was 1.47x (SD3 base) and 1.65x (UNet base) faster on 2 cores (docs/benchmarks.md).
+        logger.warning(
+            f"trl-nft demo: one process on {cores} CPU cores. On 2 cores, two processes of one thread trained "
+            "1.5-1.65x faster: `accelerate launch --multi_gpu --num_processes 2 -m trl_nft.cli demo ...` (docs/cli.md)."
+        )
     return demo_args, training_args
 
 
