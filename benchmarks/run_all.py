@@ -12,6 +12,9 @@ Runs, in this order (about 40 minutes on 2 CPU cores, most of it the NFT-vs-Flow
 | async_rewards | benchmarks/async_rewards.py | time per iteration with and without rewards overlapped with sampling |
 | nft_vs_grpo | benchmarks/nft_vs_grpo.py | NFT and Flow-GRPO on the shapes world, same budget: accuracy against time |
 
+Not run by default (`--only processes`, about 6 minutes): `benchmarks/processes.py` on the UNet base, the demo's pace
+with one and with two data-parallel processes.
+
 Each writes its tables (stdout, kept in `<out>/<name>.log`), plots and JSON under `<out>/<name>/`. A script that is
 missing is reported and skipped; a failing one does not stop the others.
 """
@@ -27,16 +30,20 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = ("overhead", "cost_growth", "memory", "async_rewards", "nft_vs_grpo")
+OPTIONAL = ("processes",)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/benchmarks")
-    parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="Run only these.")
+    parser.add_argument("--only", nargs="*", choices=[*BENCHMARKS, *OPTIONAL], help="Run only these.")
     parser.add_argument("--grpo_minutes", type=float, default=12, help="Wall-clock budget of each method in the pair.")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    extra = {"nft_vs_grpo": ["--minutes", str(args.grpo_minutes)]}
+    extra = {
+        "nft_vs_grpo": ["--minutes", str(args.grpo_minutes)],
+        "processes": ["--model_name_or_path", "shapes-unet", "--rounds", "1", "--steps", "16"],
+    }
     failed = []
     for name in args.only or BENCHMARKS:
         script = os.path.join(HERE, f"{name}.py")
