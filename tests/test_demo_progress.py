@@ -79,3 +79,8 @@ def test_demo_precision_auto_measures_and_says_what_it_chose(tmp_path):
     reason = demo_args.precision_reason
     assert reason.startswith("bf16 autocast" if args.bf16 else "float32"), reason
     assert " s vs " in reason and "CPU flags" in reason
+    # The base the measurement loaded goes on to `run_demo` (loaded once); a fixed precision loads none here.
+    from diffusers import DiffusionPipeline
+
+    assert isinstance(demo_args.base_pipeline, DiffusionPipeline)
+    assert parse_demo_arguments([*out, "--precision", "fp32"])[0].base_pipeline is None

@@ -108,6 +108,9 @@ class DemoArguments:
     )
     # Filled by `parse_demo_arguments`: the precision trained in and why (logged, and written to heldout_table.json).
     precision_reason: str = field(default="", init=False)
+    # The base pipeline `--precision auto` loaded to time the two precisions, handed to `run_demo` so that the base is
+    # loaded once (None when no measurement ran).
+    base_pipeline: Any = field(default=None, init=False, repr=False)
 
 
 def parse_demo_arguments(argv: list[str]):
@@ -129,6 +132,7 @@ def parse_demo_arguments(argv: list[str]):
         return any(a.split("=")[0] in flags for a in argv)
 
     demo_args, training_args = parse(argv)
+    measured_pipe = None
     if given("--bf16", "--fp16"):
         bf16 = training_args.bf16
         chosen = "bf16" if bf16 else "fp16" if training_args.fp16 else "float32"
@@ -152,6 +156,7 @@ def parse_demo_arguments(argv: list[str]):
             lambda: pipe(prompts, num_inference_steps=2, guidance_scale=1.0, output_type="pt", **kwargs)
         )
         bf16, reason = choice.bf16, choice.reason
+        measured_pipe = pipe
         if training_args.world_size > 1:
             # Every process timed the two precisions (sharing the cores as they will in training); all train in process
             # 0's choice, since processes in other precisions would not be one data-parallel run.
@@ -181,6 +186,7 @@ def parse_demo_arguments(argv: list[str]):
     if extra:
         demo_args, training_args = parse([*argv, *extra])
     demo_args.precision_reason = reason
+    demo_args.base_pipeline = measured_pipe
     logger.warning(f"trl-nft demo: training precision {reason}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if world == 1 and not torch.cuda.is_available() and cores > 1:
@@ -514,8 +520,10 @@ def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
 
     out = training_args.output_dir
     items = heldout_items(n_per_tag=demo_args.heldout_per_tag)
+    pipe = demo_args.base_pipeline
+    demo_args.base_pipeline = None  # the trainer owns it from here
     trainer = DiffusionNFTTrainer(
-        load_base_pipeline(demo_args.model_name_or_path),
+        pipe if pipe is not None else load_base_pipeline(demo_args.model_name_or_path),
         demo_args.reward_funcs,
         args=training_args,
         train_dataset=make_dataset("train", tag_weights=parse_tag_weights(demo_args.tag_weights)),
