@@ -130,6 +130,25 @@ class DiffusionNFTConfig(TrainingArguments):
             "in rollouts and training alike."
         },
     )
+    guidance_decay_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Anneal the rollouts' guidance linearly from `guidance_scale` to 1 (CFG-free) over this many "
+            "optimizer steps (each rollout batch uses the value at the step it is sampled); 0 keeps it constant. With "
+            "`old_policy_guidance`: a warm start that distils the base's guidance into the CFG-free policy, after "
+            "which training is the paper's CFG-free NFT (docs/families.md, 'Guidance'). CFG families only."
+        },
+    )
+    old_policy_guidance: bool = field(
+        default=False,
+        metadata={
+            "help": "With CFG rollouts (`guidance_scale` > 1, CFG families), give the loss the old policy's *guided* "
+            "velocity v_old = v_u + w (v_c - v_u), the one the rollouts were sampled with (one more frozen forward "
+            "per sample, with the empty prompt), instead of its conditional branch. The trained conditional model "
+            "then learns the guided policy plus the reward's improvement: guidance distilled into the CFG-free model "
+            "(docs/families.md, 'Guidance'). Not in the paper (CFG-free rollouts)."
+        },
+    )
     resolution: int | None = field(
         default=None,
         metadata={"help": "Image side in pixels. Defaults to the pipeline's own default size (SD3.5-M: 512 is used)."},
@@ -493,6 +512,21 @@ class DiffusionNFTConfig(TrainingArguments):
         )
         need(self.num_iterations >= 1, f"num_iterations must be >= 1 (got {self.num_iterations}).")
         need(self.guidance_scale >= 0, f"guidance_scale must be >= 0 (got {self.guidance_scale}); 1.0 is CFG-free.")
+        need(
+            self.guidance_decay_steps >= 0,
+            f"guidance_decay_steps must be >= 0 (got {self.guidance_decay_steps}); 0 keeps guidance_scale constant.",
+        )
+        need(
+            self.guidance_decay_steps == 0 or self.guidance_scale > 1,
+            f"guidance_decay_steps={self.guidance_decay_steps} anneals guidance_scale to 1, but guidance_scale is "
+            f"{self.guidance_scale}: set guidance_scale > 1 (e.g. 3) or guidance_decay_steps=0.",
+        )
+        need(
+            not self.old_policy_guidance or self.guidance_scale > 1,
+            f"old_policy_guidance needs guided rollouts, but guidance_scale is {self.guidance_scale}: set "
+            "guidance_scale > 1 (with guidance_decay_steps, see docs/families.md 'Guidance') or "
+            "old_policy_guidance=False.",
+        )
         need(
             self.resolution is None or self.resolution > 0,
             f"resolution must be a positive number of pixels or None (got {self.resolution}).",

@@ -37,7 +37,7 @@ from transformers.utils import logging
 
 from . import _checkpoint, core
 from .config import DiffusionNFTConfig, import_from_string
-from .families import get_adapter, load_pipeline, null_components
+from .families import FAMILIES, get_adapter, load_pipeline, null_components
 from .families.adapter import IncompatibleRows, eval_mode
 from .model_card import write_model_card
 from .rewards import resolve_reward
@@ -261,6 +261,22 @@ class DiffusionNFTTrainer(Trainer):
                 "docs/families.md, 'Guidance'). Leave eval_guidance_scale unset to evaluate what rollouts sample.",
                 stacklevel=2,
             )
+        family = self.adapter.family
+        if (args.old_policy_guidance or args.guidance_decay_steps > 0) and family.guidance != "cfg":
+            raise ValueError(
+                f"old_policy_guidance and guidance_decay_steps are for classifier-free guidance, but "
+                f"{type(pipeline).__name__}'s guidance_scale is a guidance input of its denoiser (family "
+                f"{family.name!r}): set old_policy_guidance=False and guidance_decay_steps=0."
+            )
+        if args.old_policy_guidance and not family.cfg_velocity:
+            checked = sorted(f.name for f in FAMILIES if f.cfg_velocity)
+            raise ValueError(
+                f"old_policy_guidance: the {family.name!r} family's CFG is not checked to be v_u + w (v_c - v_u) in one "
+                f"call with its negative prompt as a prompt (families checked: {', '.join(checked)}). Set "
+                "old_policy_guidance=False, or declare cfg_velocity=True in a family that passes "
+                "trl_nft.families.check.check_family(adapter, prompts, guidance_scale=3)."
+            )
+        self._guided_old_policy = args.old_policy_guidance
         self.num_generations = args.num_generations
         self.num_iterations = args.num_iterations
 
@@ -640,6 +656,16 @@ class DiffusionNFTTrainer(Trainer):
             )
         return x0.float(), images
 
+    def _rollout_guidance_scale(self) -> float:
+        """The guidance of the current rollout batch: `guidance_scale`, annealed linearly to 1 over
+        `guidance_decay_steps` optimizer steps, at the step the batch was sampled (so a resumed run matches)."""
+        args = self.args
+        if args.guidance_decay_steps <= 0:
+            return args.guidance_scale
+        every = args.steps_per_generation * self.num_iterations
+        step = (self._step - self._step % every) // args.gradient_accumulation_steps
+        return 1.0 + (args.guidance_scale - 1.0) * max(0.0, 1.0 - step / args.guidance_decay_steps)
+
     def _conditioning(self, prompts: list[str]) -> dict[str, Any]:
         """The denoiser's conditioning for `prompts`: from the per-prompt cache (`cache_prompt_embeddings`), else
         captured from the pipeline (see `trl_nft.families`)."""
@@ -691,7 +717,7 @@ class DiffusionNFTTrainer(Trainer):
                     x0, chunk_images = self._sample_latents(
                         prompts[i : i + chunk],
                         num_inference_steps=self.args.num_inference_steps,
-                        guidance_scale=self.args.guidance_scale,
+                        guidance_scale=self._rollout_guidance_scale(),
                     )
                     latents.append(x0)
                     images.append(chunk_images)
@@ -732,6 +758,8 @@ class DiffusionNFTTrainer(Trainer):
         metrics["frac_reward_zero_std"].append(stats.frac_zero_std)
         metrics["samples/images_per_second"].append(len(all_prompts) / max(elapsed, 1e-9))
         metrics["samples/x0_norm"].append(x0.flatten(1).norm(dim=1).mean().item())
+        if self.args.guidance_decay_steps > 0:
+            metrics["guidance_scale"].append(self._rollout_guidance_scale())
         n_log = min(self.args.num_rollout_images_to_log, n)
         if n_log and self.is_world_process_zero():
             own_rewards, own_r = rewards[own], r[own]
@@ -999,6 +1027,15 @@ class DiffusionNFTTrainer(Trainer):
         with self.compute_loss_context_manager():
             with self._policy("old") as old:
                 v_old = [self.adapter.velocity(c.x_t, c.t, tiled[c.k], model=old).float() for c in chunks]
+                w = self._rollout_guidance_scale()
+                if self._guided_old_policy and w > 1:
+                    # The velocity the rollouts were sampled with (`old_policy_guidance`).
+                    negative = self.adapter.negative_prompt(w)
+                    uncond = self._conditioning([negative] * (chunks[0].x_t.shape[0] // chunks[0].k))
+                    v_old = [
+                        self.adapter.cfg_velocity(c.x_t, c.t, None, self.adapter.tile(uncond, c.k), w, old, v)
+                        for c, v in zip(chunks, v_old, strict=True)
+                    ]
             v_ref = [None] * len(chunks)
             if self.args.kl_weight > 0:
                 with self._policy("ref") as ref:

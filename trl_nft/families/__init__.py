@@ -89,6 +89,7 @@ FAMILIES: list[ModelFamily] = [
         ("StableDiffusion3Pipeline",),
         frame=lambda pipe, res: FlowFrame(scale=_train_steps(pipe)),
         lora_target_modules=_FLUX_SD3_TARGETS,  # official DiffusionNFT SD3 targets
+        cfg_velocity=True,
     ),
     ModelFamily(
         "flux",
@@ -127,6 +128,7 @@ FAMILIES: list[ModelFamily] = [
         denoiser="unet",
         sample_arg="sample",
         lora_target_modules=_UNET_TARGETS,
+        cfg_velocity=True,
     ),  # fmt: skip
     ModelFamily(
         "sdxl",
@@ -163,6 +165,7 @@ FAMILIES: list[ModelFamily] = [
         unpack_sample=_zimage_unpack,
         unpack_output=_zimage_output,
         resolution_multiple=lambda pipe: pipe.vae_scale_factor * 2,
+        cfg_velocity=True,
     ),
     ModelFamily(
         "chroma",
@@ -184,8 +187,9 @@ FAMILIES: list[ModelFamily] = [
         ("ErnieImagePipeline",),
         frame=lambda pipe, res: FlowFrame(scale=_train_steps(pipe)),
         resolution_multiple=_packed_2x2,
+        cfg_velocity=True,
     ),
-    ModelFamily("auraflow", ("AuraFlowPipeline",), frame=lambda pipe, res: FlowFrame(scale=1.0)),
+    ModelFamily("auraflow", ("AuraFlowPipeline",), frame=lambda pipe, res: FlowFrame(scale=1.0), cfg_velocity=True),
     ModelFamily(
         "hidream",
         ("HiDreamImagePipeline",),
@@ -195,6 +199,7 @@ FAMILIES: list[ModelFamily] = [
         batch_dims=(("encoder_hidden_states_llama3", 1),),
         unpack_output=_hidream_output,
         lora_target_modules=("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"),
+        cfg_velocity=True,
     ),
     ModelFamily(
         "lcm",

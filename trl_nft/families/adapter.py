@@ -64,6 +64,10 @@ class ModelFamily:
             scale `w` (standard convention: 1 is no guidance) where the pipeline spells it otherwise (Qwen-Image's
             `true_cfg_scale` with a negative prompt; Z-Image's `guidance_scale = w - 1`). Defaults to
             `{"guidance_scale": w}`.
+        cfg_velocity (`bool`, defaults to `False`): the pipeline's CFG is `v_u + w (v_c - v_u)` over one denoiser
+            call per step, with `negative_prompt(w)` (default: the empty prompt) encoded like a prompt as the
+            unconditional branch, so `PipelineAdapter.cfg_velocity` reproduces its guided steps
+            (`check_family(..., guidance_scale=3)`); needed by `old_policy_guidance`.
         lora_target_modules (`tuple[str, ...]`): default LoRA targets (module-name suffixes, peft's convention).
         static_args (`tuple[str, ...]`): captured arguments that are not per-sample although their first dimension
             may equal the batch size (FLUX's position ids).
@@ -86,6 +90,7 @@ class ModelFamily:
     timestep_arg: str = "timestep"
     guidance: str = "cfg"
     guidance_kwargs: Callable[[float], dict[str, Any]] | None = None
+    cfg_velocity: bool = False
     lora_target_modules: tuple[str, ...] = ATTENTION_TARGETS
     static_args: tuple[str, ...] = ()
     batch_dims: tuple[tuple[str, int], ...] = ()
@@ -471,6 +476,38 @@ class PipelineAdapter:
         if self.family.unpack_output is not None:
             out = self.family.unpack_output(out, sample)
         return self.frame.velocity(out, x_t, t)
+
+    def negative_prompt(self, guidance_scale: float) -> str:
+        """The prompt of the pipeline's unconditional branch when it samples with CFG `guidance_scale`: the family's
+        or `pipeline_kwargs`' `negative_prompt`, else the empty prompt (diffusers' default)."""
+        negative = self.call_kwargs(None, guidance_scale).get("negative_prompt")
+        return negative if isinstance(negative, str) else ""
+
+    def cfg_velocity(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: dict[str, Any],
+        uncond: dict[str, Any],
+        guidance_scale: float,
+        model=None,
+        v_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The classifier-free-guided velocity `v_u + w (v_c - v_u)` the pipeline samples with at `guidance_scale`
+        `w` (float32, shape of `x_t`). CFG is linear in the prediction and the flow frame is affine in it, so
+        combining flow velocities equals combining the model's outputs.
+
+        Args:
+            x_t, t, model: as `velocity()`.
+            cond (`dict`): `conditioning()` of the prompts, tiled to `B`.
+            uncond (`dict`): `conditioning()` of `negative_prompt(guidance_scale)` for every sample, tiled to `B`.
+            guidance_scale (`float`): `w` in the standard convention (1 = the conditional prediction).
+            v_cond (`torch.Tensor`, *optional*): `velocity(x_t, t, cond, model)` when already computed.
+        """
+        if v_cond is None:
+            v_cond = self.velocity(x_t, t, cond, model)
+        v_uncond = self.velocity(x_t, t, uncond, model).float()
+        return v_uncond + guidance_scale * (v_cond.float() - v_uncond)
 
     # ---------------------------------------------------------------- LoRA I/O
     def save_lora_weights(self, save_directory: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]):
