@@ -37,9 +37,11 @@ def test_sdxl_zeroes_its_empty_negative_prompt_so_it_is_not_declared():
     assert check_family(adapter, PROMPTS[:2], max_sequence_length=_max_len("sdxl"), guidance_scale=3.0) > 1e-2
 
 
-def test_the_guided_old_policy_is_the_velocity_the_rollouts_were_sampled_with(tmp_path):
-    """One Euler (DDIM) step with the trainer's guided `v_old` from the sample the pipeline's CFG call fed its UNet lands
-    on the sample it fed at the next step; the conditional branch alone does not."""
+@pytest.mark.parametrize("which", ["old", "ref"])
+def test_the_guided_frozen_policies_are_the_pipelines_cfg_velocity(tmp_path, which):
+    """One Euler (DDIM) step with the trainer's guided `v_old` (`old_policy_guidance`) or `v_ref` (`kl_guidance_scale`)
+    from the sample the pipeline's CFG call fed its UNet lands on the sample it fed at the next step; the conditional
+    branch alone does not."""
     from diffusers import DDIMScheduler
 
     pipe = build_tiny_pipeline("sd15")
@@ -48,7 +50,15 @@ def test_the_guided_old_policy_is_the_velocity_the_rollouts_were_sampled_with(tm
     trainer = DiffusionNFTTrainer(
         pipe,
         reward_funcs=lambda prompts, images, **kw: [0.0] * len(prompts),
-        args=_config(tmp_path, "sd15", guidance_scale=w, old_policy_guidance=True),
+        args=_config(
+            tmp_path,
+            "sd15",
+            **(
+                {"guidance_scale": w, "old_policy_guidance": True}
+                if which == "old"
+                else {"kl_weight": 0.3, "kl_guidance_scale": w}
+            ),
+        ),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
     )
     adapter, prompts = trainer.adapter, PROMPTS[:2]
@@ -75,9 +85,10 @@ def test_the_guided_old_policy_is_the_velocity_the_rollouts_were_sampled_with(tm
         x = adapter.frame.flow_sample(x_model, tt).float()
         x_next = adapter.frame.flow_sample(x_next_model, torch.full_like(tt, t_next)).float()
         chunk = _Chunk(k=1, x0=x, t=tt, noise=x, x_t=x)
-        ((v_old, _),) = trainer._frozen_velocities([chunk], {1: adapter.tile(cond, 1)})
+        ((v_old, v_ref),) = trainer._frozen_velocities([chunk], {1: adapter.tile(cond, 1)})
+        v_guided = v_old if which == "old" else v_ref
         v_cond = adapter.velocity(x, tt, adapter.tile(cond, 1)).detach()
-        for key, v in (("guided", v_old), ("conditional", v_cond)):
+        for key, v in (("guided", v_guided), ("conditional", v_cond)):
             errors[key].append(float(((x + (t_next - t) * v) - x_next).norm() / x_next.norm()))
     assert max(errors["guided"]) < 1e-4, errors
     assert min(errors["conditional"]) > 1e-3, errors
@@ -114,6 +125,8 @@ def test_guidance_decays_to_cfg_free_over_guidance_decay_steps(tmp_path):
         ({"old_policy_guidance": True}, "old_policy_guidance"),
         ({"guidance_decay_steps": 10}, "guidance_decay_steps"),
         ({"guidance_scale": 3.0, "guidance_decay_steps": -1}, "guidance_decay_steps"),
+        ({"kl_guidance_scale": 3.0, "kl_weight": 0.0}, "kl_guidance_scale"),
+        ({"kl_guidance_scale": 0.5}, "kl_guidance_scale"),
     ],
 )
 def test_guidance_options_without_guidance_are_refused_at_construction(tmp_path, overrides, field):
@@ -121,13 +134,22 @@ def test_guidance_options_without_guidance_are_refused_at_construction(tmp_path,
         DiffusionNFTConfig(output_dir=str(tmp_path), **overrides)
 
 
-@pytest.mark.parametrize("name,expected", [("sdxl", "cfg_velocity=True"), ("flux-dev", "guidance input")])
-def test_old_policy_guidance_is_refused_where_the_family_does_not_declare_it(tmp_path, name, expected):
+@pytest.mark.parametrize(
+    "name,overrides,expected",
+    [
+        ("sdxl", {"guidance_scale": 3.0, "old_policy_guidance": True}, "old_policy_guidance.*cfg_velocity=True"),
+        ("sdxl", {"kl_weight": 0.3, "kl_guidance_scale": 3.0}, "kl_guidance_scale.*cfg_velocity=True"),
+        ("flux-dev", {"guidance_scale": 3.0, "old_policy_guidance": True}, "guidance input"),
+    ],
+)
+def test_guided_frozen_policies_are_refused_where_the_family_does_not_declare_them(
+    tmp_path, name, overrides, expected
+):
     pipe = build_tiny_pipeline(name)
     with pytest.raises(ValueError, match=expected):
         DiffusionNFTTrainer(
             pipe,
             reward_funcs=lambda prompts, images, **kw: [0.0] * len(prompts),
-            args=_config(tmp_path, name, guidance_scale=3.0, old_policy_guidance=True),
+            args=_config(tmp_path, name, **overrides),
             train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         )

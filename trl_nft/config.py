@@ -233,6 +233,16 @@ class DiffusionNFTConfig(TrainingArguments):
             "adapters disabled) (official `config.train.beta`: 1e-4). 0 skips the reference forward pass."
         },
     )
+    kl_guidance_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Guidance of the KL term's reference velocity. 1.0 (official): the reference's conditional "
+            "velocity. w > 1: its CFG velocity v_u + w (v_c - v_u) (one more reference forward, with the empty "
+            "prompt; CFG families that declare `cfg_velocity`), which anchors the CFG-free policy to the *guided* base "
+            "while NFT improves it: guidance distilled without guided rollouts (docs/families.md, 'Guidance'). Needs "
+            "kl_weight > 0. Not in the paper."
+        },
+    )
     loss_type: str = field(
         default="adaptive",
         metadata={
@@ -520,6 +530,15 @@ class DiffusionNFTConfig(TrainingArguments):
             self.guidance_decay_steps == 0 or self.guidance_scale > 1,
             f"guidance_decay_steps={self.guidance_decay_steps} anneals guidance_scale to 1, but guidance_scale is "
             f"{self.guidance_scale}: set guidance_scale > 1 (e.g. 3) or guidance_decay_steps=0.",
+        )
+        need(
+            self.kl_guidance_scale >= 1,
+            f"kl_guidance_scale must be >= 1 (got {self.kl_guidance_scale}); 1.0 is the reference's conditional velocity.",
+        )
+        need(
+            self.kl_guidance_scale == 1 or self.kl_weight > 0,
+            f"kl_guidance_scale={self.kl_guidance_scale} guides the KL term's reference, but kl_weight is "
+            f"{self.kl_weight}: set kl_weight > 0 (e.g. 0.3) or kl_guidance_scale=1.",
         )
         need(
             not self.old_policy_guidance or self.guidance_scale > 1,

@@ -268,12 +268,14 @@ class DiffusionNFTTrainer(Trainer):
                 f"{type(pipeline).__name__}'s guidance_scale is a guidance input of its denoiser (family "
                 f"{family.name!r}): set old_policy_guidance=False and guidance_decay_steps=0."
             )
-        if args.old_policy_guidance and not family.cfg_velocity:
+        guided = [n for n, on in (("old_policy_guidance", args.old_policy_guidance),
+                                  ("kl_guidance_scale", args.kl_guidance_scale > 1)) if on]  # fmt: skip
+        if guided and (family.guidance != "cfg" or not family.cfg_velocity):
             checked = sorted(f.name for f in FAMILIES if f.cfg_velocity)
             raise ValueError(
-                f"old_policy_guidance: the {family.name!r} family's CFG is not checked to be v_u + w (v_c - v_u) in one "
-                f"call with its negative prompt as a prompt (families checked: {', '.join(checked)}). Set "
-                "old_policy_guidance=False, or declare cfg_velocity=True in a family that passes "
+                f"{' and '.join(guided)}: the {family.name!r} family's CFG is not checked to be v_u + w (v_c - v_u) "
+                f"in one call with its negative prompt as a prompt (families checked: {', '.join(checked)}). Set "
+                "them off, or declare cfg_velocity=True in a family that passes "
                 "trl_nft.families.check.check_family(adapter, prompts, guidance_scale=3)."
             )
         self._guided_old_policy = args.old_policy_guidance
@@ -1040,6 +1042,15 @@ class DiffusionNFTTrainer(Trainer):
             if self.args.kl_weight > 0:
                 with self._policy("ref") as ref:
                     v_ref = [self.adapter.velocity(c.x_t, c.t, tiled[c.k], model=ref).float() for c in chunks]
+                    w = self.args.kl_guidance_scale
+                    if w > 1:
+                        # The guided base as the KL anchor (`kl_guidance_scale`).
+                        negative = self.adapter.negative_prompt(w)
+                        uncond = self._conditioning([negative] * (chunks[0].x_t.shape[0] // chunks[0].k))
+                        v_ref = [
+                            self.adapter.cfg_velocity(c.x_t, c.t, None, self.adapter.tile(uncond, c.k), w, ref, v)
+                            for c, v in zip(chunks, v_ref, strict=True)
+                        ]
         return list(zip(v_old, v_ref, strict=True))
 
     def _nft_chunk(self, model, chunk: _Chunk, r, cond, v_old, v_ref) -> core.NFTLossOutput:
