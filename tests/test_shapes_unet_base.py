@@ -154,3 +154,10 @@ def test_demo_picks_the_unet_recipe_by_base_name():
     with open(DEMO_CONFIG_UNET) as f:
         recipe = yaml.safe_load(f)
     assert recipe["model_name_or_path"] == "shapes-unet" and "conv1" in recipe["lora_target_modules"]
+    from trl_nft.shapes.demo import parse_demo_arguments
+
+    argv = ["--model_name_or_path", "shapes-unet", "--output_dir", "unused", "--precision", "fp32"]
+    _, training_args = parse_demo_arguments(argv)
+    # The UNet recipe anchors the CFG-free policy to the base's CFG-3 velocity (docs/shapes_world.md).
+    assert training_args.kl_guidance_scale == 3.0 and training_args.kl_weight == 2.0
+    assert training_args.guidance_scale == 1.0 and training_args.max_steps == 120
