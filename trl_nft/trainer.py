@@ -1030,28 +1030,25 @@ class DiffusionNFTTrainer(Trainer):
             with self._policy("old") as old:
                 v_old = [self.adapter.velocity(c.x_t, c.t, tiled[c.k], model=old).float() for c in chunks]
                 w = self._rollout_guidance_scale()
-                if self._guided_old_policy and w > 1:
-                    # The velocity the rollouts were sampled with (`old_policy_guidance`).
-                    negative = self.adapter.negative_prompt(w)
-                    uncond = self._conditioning([negative] * (chunks[0].x_t.shape[0] // chunks[0].k))
-                    v_old = [
-                        self.adapter.cfg_velocity(c.x_t, c.t, None, self.adapter.tile(uncond, c.k), w, old, v)
-                        for c, v in zip(chunks, v_old, strict=True)
-                    ]
+                if self._guided_old_policy and w > 1:  # the velocity the rollouts were sampled with
+                    v_old = self._guided(chunks, v_old, w, old)
             v_ref = [None] * len(chunks)
             if self.args.kl_weight > 0:
                 with self._policy("ref") as ref:
                     v_ref = [self.adapter.velocity(c.x_t, c.t, tiled[c.k], model=ref).float() for c in chunks]
-                    w = self.args.kl_guidance_scale
-                    if w > 1:
-                        # The guided base as the KL anchor (`kl_guidance_scale`).
-                        negative = self.adapter.negative_prompt(w)
-                        uncond = self._conditioning([negative] * (chunks[0].x_t.shape[0] // chunks[0].k))
-                        v_ref = [
-                            self.adapter.cfg_velocity(c.x_t, c.t, None, self.adapter.tile(uncond, c.k), w, ref, v)
-                            for c, v in zip(chunks, v_ref, strict=True)
-                        ]
+                    if self.args.kl_guidance_scale > 1:  # the guided base as the KL anchor
+                        v_ref = self._guided(chunks, v_ref, self.args.kl_guidance_scale, ref)
         return list(zip(v_old, v_ref, strict=True))
+
+    def _guided(self, chunks: list[_Chunk], v_cond: list[torch.Tensor], w: float, model) -> list[torch.Tensor]:
+        """`model`'s CFG velocity `v_u + w (v_c - v_u)` for every chunk, from its conditional `v_cond` and one forward on
+        the family's negative prompt (`old_policy_guidance`, `kl_guidance_scale`)."""
+        negative = self.adapter.negative_prompt(w)
+        uncond = self._conditioning([negative] * (chunks[0].x_t.shape[0] // chunks[0].k))
+        return [
+            self.adapter.cfg_velocity(c.x_t, c.t, None, self.adapter.tile(uncond, c.k), w, model, v)
+            for c, v in zip(chunks, v_cond, strict=True)
+        ]
 
     def _nft_chunk(self, model, chunk: _Chunk, r, cond, v_old, v_ref) -> core.NFTLossOutput:
         """The NFT loss of a chunk's `k` training times of every sample, with the trained policy's forward; `cond` is

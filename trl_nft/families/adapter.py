@@ -487,7 +487,7 @@ class PipelineAdapter:
         self,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        cond: dict[str, Any],
+        cond: dict[str, Any] | None,
         uncond: dict[str, Any],
         guidance_scale: float,
         model=None,
@@ -499,7 +499,7 @@ class PipelineAdapter:
 
         Args:
             x_t, t, model: as `velocity()`.
-            cond (`dict`): `conditioning()` of the prompts, tiled to `B`.
+            cond (`dict`): `conditioning()` of the prompts, tiled to `B` (unused when `v_cond` is given).
             uncond (`dict`): `conditioning()` of `negative_prompt(guidance_scale)` for every sample, tiled to `B`.
             guidance_scale (`float`): `w` in the standard convention (1 = the conditional prediction).
             v_cond (`torch.Tensor`, *optional*): `velocity(x_t, t, cond, model)` when already computed.
