@@ -144,7 +144,7 @@ class DiffusionNFTConfig(TrainingArguments):
         metadata={
             "help": "With CFG rollouts (`guidance_scale` > 1, CFG families), give the loss the old policy's *guided* "
             "velocity v_old = v_u + w (v_c - v_u), the one the rollouts were sampled with (one more frozen forward "
-            "per sample, on the family's negative prompt), instead of its conditional branch. The trained conditional model "
+            "per sample, with the empty prompt), instead of its conditional branch. The trained conditional model "
             "then learns the guided policy plus the reward's improvement: guidance distilled into the CFG-free model "
             "(docs/families.md, 'Guidance'). Not in the paper (CFG-free rollouts)."
         },
@@ -237,8 +237,8 @@ class DiffusionNFTConfig(TrainingArguments):
         default=1.0,
         metadata={
             "help": "Guidance of the KL term's reference velocity. 1.0 (official): the reference's conditional "
-            "velocity. w > 1: its CFG velocity v_u + w (v_c - v_u) (one more reference forward, on the family's "
-            "negative prompt; CFG families that declare `cfg_velocity`), which anchors the CFG-free policy to the *guided* base "
+            "velocity. w > 1: its CFG velocity v_u + w (v_c - v_u) (one more reference forward, with the empty "
+            "prompt; CFG families that declare `cfg_velocity`), which anchors the CFG-free policy to the *guided* base "
             "while NFT improves it: guidance distilled without guided rollouts (docs/families.md, 'Guidance'). Needs "
             "kl_weight > 0. Not in the paper."
         },

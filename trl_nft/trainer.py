@@ -278,6 +278,7 @@ class DiffusionNFTTrainer(Trainer):
                 "them off, or declare cfg_velocity=True in a family that passes "
                 "trl_nft.families.check.check_family(adapter, prompts, guidance_scale=3)."
             )
+        self._guided_old_policy = args.old_policy_guidance
         self.num_generations = args.num_generations
         self.num_iterations = args.num_iterations
 
@@ -1029,7 +1030,7 @@ class DiffusionNFTTrainer(Trainer):
             with self._policy("old") as old:
                 v_old = [self.adapter.velocity(c.x_t, c.t, tiled[c.k], model=old).float() for c in chunks]
                 w = self._rollout_guidance_scale()
-                if self.args.old_policy_guidance and w > 1:  # the velocity the rollouts were sampled with
+                if self._guided_old_policy and w > 1:  # the velocity the rollouts were sampled with
                     v_old = self._guided(chunks, v_old, w, old)
             v_ref = [None] * len(chunks)
             if self.args.kl_weight > 0:

@@ -67,7 +67,7 @@ class ModelFamily:
         cfg_velocity (`bool`, defaults to `False`): the pipeline's CFG is `v_u + w (v_c - v_u)` over one denoiser
             call per step, with `negative_prompt(w)` (default: the empty prompt) encoded like a prompt as the
             unconditional branch, so `PipelineAdapter.cfg_velocity` reproduces its guided steps
-            (`check_family(..., guidance_scale=3)`); needed by `old_policy_guidance` and `kl_guidance_scale`.
+            (`check_family(..., guidance_scale=3)`); needed by `old_policy_guidance`.
         lora_target_modules (`tuple[str, ...]`): default LoRA targets (module-name suffixes, peft's convention).
         static_args (`tuple[str, ...]`): captured arguments that are not per-sample although their first dimension
             may equal the batch size (FLUX's position ids).

@@ -79,10 +79,9 @@ def check_family(
             f"steps at guidance_scale={guidance_scale}: check_family checks pipelines that call it once per step."
         )
     size = {"height": adapter.resolution, "width": adapter.resolution, "max_sequence_length": max_sequence_length}
-    guided = guidance_scale > 1 and family.guidance == "cfg"
     try:
         cond = adapter.conditioning(prompts, guidance_scale=guidance_scale, **size)
-        if guided:
+        if guidance_scale > 1 and family.guidance == "cfg":
             negative = [adapter.negative_prompt(guidance_scale)] * len(prompts)
             uncond = adapter.conditioning(negative, guidance_scale=guidance_scale, **size)
     finally:
@@ -91,7 +90,7 @@ def check_family(
     for (x_model, t), (next_model, t_next) in zip(calls, calls[1:], strict=False):
         tt, tn = torch.full((x_model.shape[0],), t), torch.full((x_model.shape[0],), t_next)
         x = adapter.frame.flow_sample(x_model, tt).float()
-        if guided:
+        if guidance_scale > 1 and family.guidance == "cfg":
             v = adapter.cfg_velocity(x, tt, cond, uncond, guidance_scale)
         else:
             v = adapter.velocity(x, tt, cond)
